@@ -94,12 +94,25 @@ def prep(
     if name is None:
         raise XmlgameError("give a dataset name (see `xmlgame prep --list`) or --list")
     if name == "synthetic":
+        from xmlgame.dataset import DEFAULT_A, DEFAULT_B
         from xmlgame.synthetic import SyntheticConfig, prepare_synthetic
 
+        ignored = [flag for flag, value in (("--from", source), ("--layout", layout))
+                   if value is not None]
+        if ignored:
+            raise XmlgameError(
+                f"xmlgame prep synthetic generates its data and reads no files: remove "
+                f"{' and '.join(ignored)}. To prepare your own files, give them a name: "
+                "xmlgame prep MY-NAME --from FILE_OR_DIR"
+            )
         config = SyntheticConfig(
             n_labels=labels, n_train=train_docs, n_test=test_docs, inputs=features, seed=seed
         )
-        dataset = prepare_synthetic(config, out=out)
+        dataset = prepare_synthetic(
+            config, out=out,
+            propensity_a=DEFAULT_A if propensity_a is None else propensity_a,
+            propensity_b=DEFAULT_B if propensity_b is None else propensity_b,
+        )
     else:
         dataset = recipes.prep(
             name, source=source, out=out, layout=layout,

@@ -37,7 +37,7 @@ import scipy.sparse as sp
 from tqdm import tqdm
 
 from xmlgame import paths
-from xmlgame.dataset import DatasetWriter, PreparedDataset, load_dataset
+from xmlgame.dataset import DEFAULT_A, DEFAULT_B, DatasetWriter, PreparedDataset, load_dataset
 from xmlgame.errors import XmlgameError
 
 logger = logging.getLogger(__name__)
@@ -238,12 +238,20 @@ def _word_table(vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # writing
 
 
-def prepare_synthetic(config: SyntheticConfig, out: str | Path | None = None) -> PreparedDataset:
+def prepare_synthetic(
+    config: SyntheticConfig,
+    out: str | Path | None = None,
+    *,
+    propensity_a: float = DEFAULT_A,
+    propensity_b: float = DEFAULT_B,
+) -> PreparedDataset:
     """Generate a synthetic dataset and write it as a prepared dataset.
 
     Args:
         config: what to generate.
         out: the dataset folder (default ``$XMLGAME_HOME/datasets/<config.name>``).
+        propensity_a, propensity_b: the PSP@k constants A and B stored in ``meta.json``; they
+            do not change the generated data.
 
     Returns:
         The prepared dataset, opened. Its ``meta.json`` holds the full config under
@@ -260,6 +268,7 @@ def prepare_synthetic(config: SyntheticConfig, out: str | Path | None = None) ->
     writer = DatasetWriter(
         out, name=out.name, layout="synthetic", with_texts=text_inputs,
         with_features=not text_inputs, source="xmlgame synthetic generator",
+        propensity_a=propensity_a, propensity_b=propensity_b,
         extra_meta={"synthetic": {**asdict(config), "vocab_size": config.vocab}},
     )
     total = config.n_train + config.n_test
