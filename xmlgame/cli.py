@@ -12,7 +12,6 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -55,22 +54,22 @@ def main(
 @app.command()
 @user_errors
 def prep(
-    name: Optional[str] = typer.Argument(
+    name: str | None = typer.Argument(
         None,
         help="A recipe (see --list), 'synthetic', or a name for your own data given with --from.",
     ),
-    source: Optional[Path] = typer.Option(
-        None, "--from", help="A local file or folder in any supported layout, instead of a download."
+    source: Path | None = typer.Option(
+        None, "--from", help="A local file or folder in a supported layout, instead of a download."
     ),
-    layout: Optional[str] = typer.Option(
+    layout: str | None = typer.Option(
         None, help="Force the layout: pecos, attentionxml, xc-bow, lf, jsonl (default: detect)."
     ),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, help="Where to write the prepared dataset (default: $XMLGAME_HOME/datasets/NAME)."
     ),
     list_recipes: bool = typer.Option(False, "--list", help="List the dataset recipes and exit."),
-    propensity_a: Optional[float] = typer.Option(None, "--A", help="Propensity constant A."),
-    propensity_b: Optional[float] = typer.Option(None, "--B", help="Propensity constant B."),
+    propensity_a: float | None = typer.Option(None, "--A", help="Propensity constant A."),
+    propensity_b: float | None = typer.Option(None, "--B", help="Propensity constant B."),
     labels: int = typer.Option(10_000, help="synthetic: number of labels."),
     train_docs: int = typer.Option(20_000, help="synthetic: training documents."),
     test_docs: int = typer.Option(5_000, help="synthetic: test documents."),
@@ -124,29 +123,68 @@ def prep(
 @app.command()
 @user_errors
 def train(
-    dataset: Optional[str] = typer.Option(
-        None, help="Prepared dataset name or folder (default: the latest prepared, else debtags)."
+    dataset: str | None = typer.Option(
+        None, help="Prepared dataset name or folder (default: the latest prepared; with none, "
+        "the bundled debtags set is prepared first)."
     ),
     players: int = typer.Option(6, help="Number of players N (label shards)."),
     overlap: float = typer.Option(0.2, help="Fraction rho of labels given to a second player."),
+    alpha: float = typer.Option(1.0, help="Weight of curiosity (0: no game, plain BCE)."),
+    beta: float = typer.Option(0.1, help="Weight of disagreement with peers inside curiosity."),
+    schedule: str = typer.Option("cyclic", help="cyclic (player by player) or joint."),
+    encoder: str = typer.Option("bow", help="bow, transformer, or both (concatenated)."),
+    transformer: str | None = typer.Option(
+        None, help="Hugging Face model folder or name (default: packaged all-MiniLM-L6-v2)."
+    ),
+    finetune: bool = typer.Option(False, help="Fine-tune the transformer (slow on a CPU)."),
+    dim: int = typer.Option(256, help="Hidden size D of the bag-of-words encoder."),
+    epochs: int = typer.Option(8, help="Most epochs; early stopping may end sooner."),
+    batch_size: int = typer.Option(256, help="Documents per batch."),
+    negatives: int = typer.Option(
+        2048, help="Sampled negative labels per batch when not all labels are candidates."
+    ),
+    seed: int = typer.Option(0, help="Seed of shards, splits, initialisation and batches."),
+    out: Path | None = typer.Option(None, help="Run folder (default: $XMLGAME_HOME/runs/...)."),
+    resume: Path | None = typer.Option(
+        None, help="Resume this run folder from its last finished epoch."
+    ),
+    progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Train a CD-GTMLL model on a prepared dataset."""
-    raise XmlgameError("`xmlgame train` arrives with the model; it is not implemented yet")
+    """Train a CD-GTMLL model on a prepared dataset.
+
+    \b
+    xmlgame train                                   the latest prepared dataset, defaults
+    xmlgame train --players 6 --overlap 0.2         the game with six players
+    xmlgame train --players 1 --alpha 0             the plain BCE baseline, same code path
+    xmlgame train --resume ~/xmlgame/runs/RUN       continue an interrupted run
+    """
+    from xmlgame import runs
+
+    if resume is not None:
+        results, run_dir = runs.resume_run(resume, progress=progress)
+    else:
+        config = runs.make_config(
+            players=players, overlap=overlap, alpha=alpha, beta=beta, schedule=schedule,
+            encoder=encoder, transformer=transformer, finetune=finetune, dim=dim,
+            epochs=epochs, batch_size=batch_size, negatives=negatives, seed=seed,
+        )
+        results, run_dir = runs.start_run(dataset, config, out=out, progress=progress)
+    typer.echo(runs.format_results(results, run_dir))
 
 
 @app.command(name="eval")
 @user_errors
 def evaluate_command(
-    predictions: Optional[Path] = typer.Argument(
+    predictions: Path | None = typer.Argument(
         None, help="A predictions file (.npz: top-k ids and scores, or a PECOS CSR), or a run."
     ),
-    dataset: Optional[str] = typer.Option(
+    dataset: str | None = typer.Option(
         None, help="Prepared dataset name or folder the predictions are for."
     ),
-    metric: Optional[list[str]] = typer.Option(
+    metric: list[str] | None = typer.Option(
         None, "--metric", "-m", help="Metric(s), e.g. psp@5 or 'p@1,p@3'. Repeatable."
     ),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write results as JSON."),
     rare_threshold: int = typer.Option(10, help="Rare-F1: labels with 1..N training documents."),
 ) -> None:
     """Score predictions against a prepared dataset's test split.
@@ -169,11 +207,36 @@ def evaluate_command(
 @app.command()
 @user_errors
 def predict(
-    run: Path = typer.Argument(..., help="A run folder."),
-    text: Optional[str] = typer.Argument(None, help="A text to label."),
+    run: Path = typer.Argument(..., help="A run folder (or 'latest')."),
+    text: list[str] | None = typer.Argument(None, help="Text(s) to label."),
+    input_file: Path | None = typer.Option(
+        None, "--input", "-i", help="A file of texts, one per line, or JSON lines with 'text'."
+    ),
+    k: int = typer.Option(5, "-k", help="How many labels per text."),
+    json_lines: bool = typer.Option(False, "--json", help="Print JSON lines, not a table."),
+    out: Path | None = typer.Option(
+        None, help="Also write the predictions file that `xmlgame eval` reads (.npz)."
+    ),
 ) -> None:
-    """Rank labels for new texts with a trained run."""
-    raise XmlgameError("`xmlgame predict` arrives with the model; it is not implemented yet")
+    """Rank labels for new texts with a trained run.
+
+    \b
+    xmlgame predict latest "a text editor for the terminal"
+    xmlgame predict RUN --input texts.txt --json
+    xmlgame predict RUN --input test.jsonl --out preds.npz -k 10
+    """
+    from xmlgame import runs
+
+    texts = runs.read_texts(text, input_file)
+    ranked, prediction, model = runs.predict_texts(run, texts, k)
+    if out is not None:
+        runs.save_prediction_file(out, prediction, model)
+    if json_lines:
+        for t, labels in zip(texts, ranked):
+            record = {"text": t, "labels": [{"label": n, "score": round(s, 6)} for n, s in labels]}
+            typer.echo(json.dumps(record, ensure_ascii=False))
+    else:
+        typer.echo(runs.format_ranked(texts, ranked))
 
 
 if __name__ == "__main__":

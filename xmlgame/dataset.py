@@ -7,7 +7,7 @@ A prepared dataset is a folder; every later command reads only this folder::
     train.texts.bin               UTF-8 texts, concatenated (absent for feature-only sources)
     train.texts.offsets.npy       int64 (n + 1,): text i is bin[offsets[i]:offsets[i + 1]]
     train.Y.npz                   scipy CSR (n, L) float32, 1.0 per relevant label
-    train.X.npz                   scipy CSR (n, F) float32 sparse features (when the source has them)
+    train.X.npz                   scipy CSR (n, F) float32 features (when the source has them)
     test.*                        the same for the test split
     labels.names.bin/.offsets.npy label names, in label-id order
     labels.texts.bin/.offsets.npy label texts (when the source has them)
@@ -167,7 +167,7 @@ class CsrBuilder:
         base = self.indptr[-1]
         self.indices.extend(block.indices.astype(np.int64))
         self.data.extend(block.data.astype(np.float32))
-        self.indptr.extend((block.indptr[1:].astype(np.int64) + base))
+        self.indptr.extend(block.indptr[1:].astype(np.int64) + base)
 
     @property
     def rows(self) -> int:

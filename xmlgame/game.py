@@ -1,0 +1,198 @@
+"""The cooperative game: shared payoff, curiosity, player objectives and the potential.
+
+With ``y`` the (B, C) targets of a batch's candidate labels and ``M`` (label, owner) pairs:
+
+- shared payoff ``R = -mean BCE(p_l, y_l)`` over the B x C candidate entries, ``p`` fused;
+- curiosity of player ``i``
+  ``C_i = [sum over its pairs of r_l * loglik(pi_i,l, y_l)
+           + beta * sum over its overlapping pairs of r_l * D(pi_i,l, sg(peer mean))] / (B * C)``
+  with rarity ``r_l = 1 / (1 + n_l)``, ``sg`` a stop-gradient, and ``D`` the squared difference
+  (bounded in [0, 1]). Sums are divided by ``B * C`` so that ``C_i`` and ``R`` share a scale;
+- player objective ``J_i = R + alpha * C_i``; potential ``Phi = R + alpha * sum_i C_i``.
+
+Peers enter ``C_i`` only through ``sg``, so the gradient of ``J_i`` with respect to player
+``i``'s parameters equals the gradient of ``Phi``: every best-response step climbs ``Phi``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from xmlgame.errors import XmlgameError
+from xmlgame.players import Pairs, Players
+
+EPS = 1e-6
+DIVERGENCES = ("squared", "absolute")
+
+
+@dataclass
+class GameConfig:
+    """The game's weights and schedule."""
+
+    alpha: float = 1.0  # weight of curiosity
+    beta: float = 0.1  # weight of disagreement inside curiosity
+    divergence: str = "squared"
+    schedule: str = "cyclic"  # or "joint"
+
+    def __post_init__(self):
+        if self.alpha < 0 or self.beta < 0:
+            raise XmlgameError("--alpha and --beta must be >= 0")
+        if self.divergence not in DIVERGENCES:
+            raise XmlgameError(f"divergence {self.divergence!r}: choose one of {DIVERGENCES}")
+        if self.schedule not in ("cyclic", "joint"):
+            raise XmlgameError(f"--schedule {self.schedule!r}: choose cyclic or joint")
+
+
+@dataclass
+class Payoffs:
+    """The game's quantities on one batch (scalars, with graph)."""
+
+    R: torch.Tensor  # noqa: N815 (the method's notation)
+    C: torch.Tensor  # noqa: N815 (N,) curiosity of each player
+    phi: torch.Tensor
+
+    def J(self, player: int, alpha: float) -> torch.Tensor:  # noqa: N802
+        return self.R + alpha * self.C[player]
+
+
+def divergence(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
+    diff = a - b
+    return diff * diff if kind == "squared" else diff.abs()
+
+
+def payoffs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    rarity: torch.Tensor,
+    pairs: Pairs,
+    players: Players,
+    config: GameConfig,
+    n_entries: int | None = None,
+) -> Payoffs:
+    """R, each C_i and Phi from pair logits (B, M), targets (B, C) and rarity (C,).
+
+    ``n_entries`` is the B x C of the whole batch when these logits are a player's sub-problem
+    (see :meth:`Pairs.focus`), so that sums are scaled as in the full game.
+    """
+    n_entries = n_entries or targets.numel()
+    probs = torch.sigmoid(logits)  # (B, M)
+    fused = players.fuse(probs, pairs).clamp(EPS, 1 - EPS)  # (B, C)
+    R = -F.binary_cross_entropy(fused, targets, reduction="sum") / n_entries  # noqa: N806
+
+    n_players = players.n_players
+    if config.alpha == 0:
+        curiosity = logits.new_zeros(n_players)
+        return Payoffs(R, curiosity, R)
+
+    pair_targets = targets[:, pairs.col]  # (B, M)
+    pair_rarity = rarity[pairs.col]  # (M,)
+    loglik = -F.binary_cross_entropy_with_logits(logits, pair_targets, reduction="none")
+    per_pair = (loglik * pair_rarity).sum(0)  # (M,)
+
+    overlapping = pairs.peer >= 0
+    if config.beta > 0 and overlapping.any():
+        own = probs[:, overlapping]
+        peer = probs[:, pairs.peer[overlapping]].detach()  # sg(mean of peers): one peer here
+        disagree = divergence(own, peer, config.divergence).sum(0) * pair_rarity[overlapping]
+        per_pair = per_pair.index_add(0, torch.nonzero(overlapping).squeeze(1),
+                                      config.beta * disagree)
+
+    curiosity = torch.stack([per_pair[s].sum() for s in pairs.player_slices]) / n_entries
+    return Payoffs(R, curiosity, R + config.alpha * curiosity.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# closed-form gradients for the cyclic schedule
+
+
+@dataclass
+class BatchState:
+    """What the cyclic schedule keeps of a batch while players move: no graph, just values.
+
+    ``logits``/``probs`` are (B, M) over pairs, ``fused`` the (B, C) fused probabilities before
+    clamping, ``weights`` the (M,) fusion weight of each pair. After a player's step,
+    :meth:`replace` updates its pairs and the fused columns they feed.
+    """
+
+    logits: torch.Tensor
+    probs: torch.Tensor
+    fused: torch.Tensor
+    weights: torch.Tensor
+    targets: torch.Tensor
+    rarity: torch.Tensor
+    pairs: Pairs
+
+    @classmethod
+    def start(cls, logits, targets, rarity, pairs: Pairs, players: Players) -> BatchState:
+        with torch.no_grad():
+            probs = torch.sigmoid(logits)
+            weights = players.fusion_weights(pairs)
+            fused = probs.new_zeros(targets.shape).index_add_(1, pairs.col, probs * weights)
+        return cls(logits, probs, fused, weights, targets, rarity, pairs)
+
+    @torch.no_grad()
+    def replace(self, player: int, logits: torch.Tensor) -> None:
+        own = self.pairs.player_slices[player]
+        probs = torch.sigmoid(logits)
+        delta = (probs - self.probs[:, own]) * self.weights[own]
+        self.fused.index_add_(1, self.pairs.col[own], delta)
+        self.logits[:, own] = logits
+        self.probs[:, own] = probs
+
+    @torch.no_grad()
+    def fused_slope(self, cols) -> torch.Tensor:
+        """dR/dp on some label columns, (B, |cols|), with the clamp's zero gradient outside."""
+        fused = self.fused[:, cols]
+        inside = (fused >= EPS) & (fused <= 1 - EPS)
+        fused = fused.clamp(EPS, 1 - EPS)
+        return (self.targets[:, cols] - fused) / (fused * (1 - fused)) * inside / self.fused.numel()
+
+
+@torch.no_grad()
+def pair_logit_gradient(
+    state: BatchState, config: GameConfig, select, slope_fused: torch.Tensor | None = None
+) -> torch.Tensor:
+    """d(-Phi)/dz for the pairs ``select`` (a slice or index tensor), (B, |select|).
+
+    For a player's own pairs this is also d(-J_i)/dz: peers enter J_i only through sg, so the
+    two differ by terms that do not depend on player i. It is the derivative autograd takes
+    through :func:`payoffs` (a test checks it), computed without building a graph.
+    ``slope_fused`` is ``state.fused_slope(pairs.col[select])`` when the caller has it already.
+    """
+    pairs = state.pairs
+    cols = pairs.col[select]
+    pi = state.probs[:, select]
+    slope = pi * (1 - pi)  # dpi/dz
+    if slope_fused is None:
+        slope_fused = state.fused_slope(cols)
+    grad = slope_fused * state.weights[select] * slope  # dR/dz
+    if config.alpha > 0:
+        targets = state.targets[:, cols]
+        r = state.rarity[cols] * (config.alpha / state.fused.numel())
+        grad += r * (targets - pi)  # rarity-weighted log-likelihood
+        peer = pairs.peer[select]
+        shared = peer >= 0
+        if config.beta > 0 and shared.any():
+            diff = pi[:, shared] - state.probs[:, peer[shared]]
+            d = 2 * diff if config.divergence == "squared" else torch.sign(diff)
+            grad[:, shared] += config.beta * r[shared] * d * slope[:, shared]
+    return -grad
+
+
+@torch.no_grad()
+def fusion_logit_gradient(
+    state: BatchState, slope_fused: torch.Tensor | None = None
+) -> torch.Tensor:
+    """d(-Phi)/d(fusion logits) of each pair, (M,): only R depends on fusion.
+
+    With ``a = softmax`` over a label's owners and ``g_m = dR/da_m``, the logit gradient is
+    ``a_m (g_m - sum_o a_o g_o)``; single-owner labels get zero.
+    """
+    pairs = state.pairs
+    g = (state.fused_slope(pairs.col) * state.probs).sum(0)  # (M,)
+    ag = state.weights * g
+    per_label = ag.new_zeros(pairs.labels.numel()).index_add_(0, pairs.col, ag)
+    return -(ag - state.weights * per_label[pairs.col])

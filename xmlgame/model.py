@@ -1,0 +1,228 @@
+"""The CD-GTMLL model: an encoder, its featurizer, and the players; saved and loaded as a run.
+
+:class:`XmlModel` bundles what prediction needs. A run folder holds::
+
+    run.json             the full configuration, the dataset it was trained on, its status
+    shards.npz           the label-to-player assignment
+    vocab.json/.idf.npy  the bag-of-words vocabulary (bag-of-words encoders)
+    label_names.txt      the label names, so a run predicts without its dataset
+    model.safetensors    the selected (best validation) weights
+
+Use :func:`load` and :meth:`XmlModel.predict`::
+
+    model = xmlgame.load("~/xmlgame/runs/20261203-debtags")
+    model.predict(["a text editor for programmers"], k=5)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from xmlgame.dataset import PreparedDataset
+from xmlgame.encoders import (
+    DocumentEncoder,
+    EncoderConfig,
+    SplitFeatures,
+    TfidfVocabulary,
+    batch_inputs,
+    embedding_cache_key,
+)
+from xmlgame.errors import XmlgameError
+from xmlgame.paths import home
+from xmlgame.players import Players
+from xmlgame.shards import Shards
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    """Top-k labels of each document: ids and fused probabilities, best first."""
+
+    label_ids: np.ndarray  # int64 (n, k), -1 where fewer than k labels exist
+    scores: np.ndarray  # float32 (n, k)
+
+
+class XmlModel(torch.nn.Module):
+    """Encoder + players, with the featurizer that turns texts into encoder inputs."""
+
+    def __init__(
+        self,
+        encoder_config: EncoderConfig,
+        shards: Shards,
+        vocab: TfidfVocabulary | None,
+        label_prior: np.ndarray | None = None,
+        sparse_players: bool = True,
+    ):
+        super().__init__()
+        self.encoder_config = encoder_config
+        self.shards = shards
+        self.vocab = vocab
+        self.encoder = DocumentEncoder(encoder_config, len(vocab) if vocab is not None else 0)
+        self.players = Players(shards, self.encoder.dim, label_prior, sparse_players)
+        self.label_names: Sequence[str] | None = None
+
+    @property
+    def n_labels(self) -> int:
+        return self.shards.n_labels
+
+    # featurizing
+
+    def featurize(
+        self,
+        texts: Sequence[str] | None = None,
+        features=None,
+        cache_fingerprint: str | None = None,
+        progress: bool = True,
+    ) -> SplitFeatures:
+        """Encoder inputs for documents given as texts and/or the source's sparse features.
+
+        With a frozen transformer, embeddings are computed once and cached on disk under
+        ``$XMLGAME_HOME/cache/embeddings`` when ``cache_fingerprint`` names the documents.
+        """
+        out = SplitFeatures(texts=texts)
+        if self.encoder.bow is not None:
+            if self.vocab.terms is None:
+                if features is None:
+                    raise XmlgameError(
+                        "this run's bag-of-words encoder reads the source's sparse features; "
+                        "texts alone cannot be encoded by it"
+                    )
+                out.tfidf = self.vocab.weigh(features)
+            else:
+                if texts is None:
+                    raise XmlgameError("this run's encoder reads texts; the input has none")
+                out.tfidf = self.vocab.transform_texts(texts)
+        if self.encoder.uses_cached_embeddings:
+            if texts is None:
+                raise XmlgameError("the transformer encoder needs texts; this dataset has none")
+            out.embeddings = self._cached_embeddings(texts, cache_fingerprint, progress)
+        return out
+
+    def _cached_embeddings(self, texts, fingerprint: str | None, progress: bool) -> np.ndarray:
+        transformer = self.encoder.transformer
+        if fingerprint is None:
+            return transformer.embed(texts, progress=progress)
+        key = embedding_cache_key(transformer.name_or_path, transformer.max_length, fingerprint)
+        path = home() / "cache" / "embeddings" / f"{key}.npy"
+        if path.exists():
+            logger.info("using cached embeddings %s", path)
+            return np.load(path)
+        embeddings = transformer.embed(texts, progress=progress)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, embeddings)
+        tmp.replace(path)
+        return embeddings
+
+    # prediction
+
+    @torch.no_grad()
+    def predict_features(
+        self, features: SplitFeatures, k: int = 10, batch_size: int = 512,
+        label_block: int = 65_536, progress: bool = False,
+    ) -> Prediction:
+        """Top-k fused labels for featurized documents, scoring labels in blocks."""
+        from tqdm.auto import tqdm
+
+        self.eval()
+        n = len(features)
+        k_eff = min(k, self.n_labels)
+        ids = np.full((n, k), -1, dtype=np.int64)
+        scores = np.zeros((n, k), dtype=np.float32)
+        blocks = [
+            self.players.pairs(torch.arange(s, min(s + label_block, self.n_labels)))
+            for s in range(0, self.n_labels, label_block)
+        ]
+        starts = range(0, n, batch_size)
+        for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress):
+            rows = np.arange(start, min(start + batch_size, n))
+            h = self.encoder(batch_inputs(self.encoder, features, rows))
+            best_s = h.new_full((len(rows), 0), -1.0)
+            best_i = torch.zeros((len(rows), 0), dtype=torch.long)
+            for pairs in blocks:
+                probs = self.players.predict_proba(h, pairs)  # (B, C)
+                s, i = torch.topk(probs, min(k_eff, probs.shape[1]), dim=1)
+                best_s = torch.cat([best_s, s], dim=1)
+                best_i = torch.cat([best_i, pairs.labels[i]], dim=1)
+                best_s, order = torch.topk(best_s, min(k_eff, best_s.shape[1]), dim=1)
+                best_i = torch.gather(best_i, 1, order)
+            ids[rows, :k_eff] = best_i.numpy()
+            scores[rows, :k_eff] = best_s.numpy()
+        return Prediction(ids, scores)
+
+    def predict(self, texts: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
+        """The top-k (label name, probability) pairs of each text."""
+        if isinstance(texts, str):
+            texts = [texts]
+        prediction = self.predict_features(self.featurize(list(texts), progress=False), k=k)
+        names = self.label_names
+        return [
+            [(names[i] if names is not None else str(i), float(s))
+             for i, s in zip(row_ids, row_scores) if i >= 0]
+            for row_ids, row_scores in zip(prediction.label_ids, prediction.scores)
+        ]
+
+    # saving
+
+    def save_static(self, run_dir: Path, label_names: Sequence[str]) -> None:
+        """Everything but the weights: shards, vocabulary, label names."""
+        self.shards.save(run_dir / "shards.npz")
+        if self.vocab is not None:
+            self.vocab.save(run_dir / "vocab")
+        tmp = run_dir / "label_names.txt.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for name in label_names:
+                f.write(name.replace("\n", " ") + "\n")
+        tmp.replace(run_dir / "label_names.txt")
+
+    def save_weights(self, path: Path) -> None:
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tmp = path.with_suffix(".tmp")
+        save_file(state, str(tmp))
+        tmp.replace(path)
+
+    def load_weights(self, path: Path) -> None:
+        self.load_state_dict(load_file(str(path)))
+
+
+def label_prior(dataset_counts: np.ndarray, n_docs: int) -> np.ndarray:
+    """Smoothed fraction of training documents carrying each label."""
+    return (dataset_counts + 0.1) / (n_docs + 1.0)
+
+
+def load(run_dir: str | Path, weights: str = "model.safetensors") -> XmlModel:
+    """Load a trained run for prediction."""
+    run_dir = Path(run_dir).expanduser()
+    config_path = run_dir / "run.json"
+    if not config_path.exists():
+        raise XmlgameError(f"{run_dir} is not a run folder (no run.json); train one first")
+    if not (run_dir / weights).exists():
+        raise XmlgameError(
+            f"{run_dir} has no {weights}: the run did not finish an epoch; "
+            "resume it with `xmlgame train --resume RUN`"
+        )
+    run = json.loads(config_path.read_text())
+    encoder_config = EncoderConfig(**run["config"]["encoder"])
+    vocab = None
+    if encoder_config.kind != "transformer":
+        vocab = TfidfVocabulary.load(run_dir / "vocab")
+    model = XmlModel(encoder_config, Shards.load(run_dir / "shards.npz"), vocab)
+    model.load_weights(run_dir / weights)
+    names_path = run_dir / "label_names.txt"
+    model.label_names = names_path.read_text(encoding="utf-8").split("\n")[:-1]
+    model.run = run
+    model.eval()
+    return model
+
+
+def dataset_fingerprint(dataset: PreparedDataset, split: str) -> str:
+    return f"{dataset.meta['input_checksum']}|{dataset.name}|{split}"

@@ -1,0 +1,52 @@
+"""A row-wise ("lazy") Adam for parameters with sparse gradients.
+
+``torch.optim.SparseAdam`` spends most of its time masking sparse tensors; this optimiser
+gathers the touched rows once, updates their moments with index operations, and scatters them
+back. Rows a step does not touch keep their moments unchanged (as in SparseAdam). It accepts
+sparse gradients (embedding tables with ``sparse=True``) and dense ones (updating every row).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class RowAdam(torch.optim.Optimizer):
+    """Adam applied only to the rows present in each (sparse) gradient."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+        if lr <= 0:
+            raise ValueError(f"learning rate must be positive, got {lr}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                if p.grad.is_sparse:
+                    grad = p.grad.coalesce()
+                    rows, g = grad.indices()[0], grad.values()
+                    m_rows = m.index_select(0, rows).mul_(beta1).add_(g, alpha=1 - beta1)
+                    v_rows = v.index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    m.index_copy_(0, rows, m_rows)
+                    v.index_copy_(0, rows, v_rows)
+                    update = m_rows.div_(v_rows.sqrt_().add_(group["eps"]))
+                    p.index_add_(0, rows, update, alpha=-size)
+                else:
+                    m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                    v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                    p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-size)

@@ -1,0 +1,187 @@
+"""Sparse players and their fusion.
+
+Player ``i`` holds one weight row (D weights and a bias) per label it owns and scores
+``pi_i,l(x) = sigmoid(w_i,l . h(x) + b_i,l)`` only on the candidate labels of a batch. Each
+player's table is an ``nn.Embedding`` with sparse gradients, so a step touches only the rows of
+the candidates. The fused prediction for label ``l`` is ``p_l = sum_i a_i,l pi_i,l`` over the
+label's owners, with ``a_.,l`` a softmax over learnable per-label fusion logits (uniform at start).
+
+For a batch, the candidate labels ``C`` (a 1-D tensor of label ids) expand into *pairs*: one per
+(candidate label, owning player), grouped player by player. :class:`Pairs` holds that layout; the
+logits of a batch are a (B, M) tensor over the M pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from xmlgame.shards import Shards
+
+
+@dataclass
+class Pairs:
+    """The (candidate label, owner) pairs of one candidate set, grouped by player.
+
+    Attributes:
+        labels: int64 (C,) candidate label ids.
+        col: int64 (M,) the column in ``labels`` of each pair.
+        pos: int64 (M,) the owner position (0 or 1) of each pair.
+        peer: int64 (M,) the index of the other pair of the same label, or -1.
+        player_rows: per player, int64 rows of its table for its pairs (in pair order).
+        player_slices: per player, the slice of the M pairs that are its.
+    """
+
+    labels: torch.Tensor
+    col: torch.Tensor
+    pos: torch.Tensor
+    peer: torch.Tensor
+    player_rows: list[torch.Tensor]
+    player_slices: list[slice]
+
+    @property
+    def n_pairs(self) -> int:
+        return self.col.numel()
+
+    def focus(self, player: int) -> tuple[Pairs, torch.Tensor]:
+        """The sub-problem of one player: the labels it owns and all their pairs.
+
+        Returns the restricted :class:`Pairs` and the indices of its pairs among ``self``'s
+        (a player's objective depends on other labels only through constants, so its gradient
+        is the same on this sub-problem). Cached: candidate sets are often reused.
+        """
+        cache = self.__dict__.setdefault("_focus", {})
+        if player not in cache:
+            own = self.col[self.player_slices[player]]  # label columns it owns
+            keep = torch.zeros(self.labels.numel(), dtype=torch.bool)
+            keep[own] = True
+            index = torch.nonzero(keep[self.col]).squeeze(1)  # pairs of those labels
+            new_col = torch.cumsum(keep, 0)[self.col[index]] - 1
+            remap = torch.full((self.n_pairs,), -1, dtype=torch.long)
+            remap[index] = torch.arange(index.numel())
+            peer = self.peer[index]
+            peer = torch.where(peer >= 0, remap[peer.clamp(min=0)], peer)
+            slices, rows, start = [], [], 0
+            for i, s in enumerate(self.player_slices):
+                inside = (index >= s.start) & (index < s.stop)
+                count = int(inside.sum())
+                slices.append(slice(start, start + count))
+                rows.append(self.player_rows[i][index[inside] - s.start])
+                start += count
+            sub = Pairs(self.labels[keep], new_col, self.pos[index], peer, rows, slices)
+            cache[player] = (sub, index, torch.nonzero(keep).squeeze(1))
+        return cache[player]
+
+
+class Players(nn.Module):
+    """N sparse players over overlapping label shards, plus the per-label fusion logits."""
+
+    def __init__(
+        self, shards: Shards, dim: int, label_prior: np.ndarray | None = None,
+        sparse: bool = True,
+    ):
+        """``sparse=False`` gives dense gradients: faster when every label is a candidate."""
+        super().__init__()
+        self.dim = dim
+        self.n_players = shards.n_players
+        self.register_buffer("owner_player", torch.from_numpy(shards.owner_player), False)
+        self.register_buffer("owner_row", torch.from_numpy(shards.owner_row), False)
+        # one table per player: D weights and a bias per owned label, (L_i, D + 1)
+        self.tables = nn.ModuleList(
+            nn.Embedding(len(labels), dim + 1, sparse=sparse) for labels in shards.player_labels
+        )
+        for table, labels in zip(self.tables, shards.player_labels):
+            nn.init.normal_(table.weight, std=0.01)
+            if label_prior is not None and len(labels):
+                # start each bias at the label's prior log-odds: no wasted epochs learning it
+                prior = np.clip(label_prior[labels], 1e-6, 1 - 1e-6)
+                with torch.no_grad():
+                    table.weight[:, -1] = torch.from_numpy(np.log(prior / (1 - prior)))
+        # fusion logits, (L, 2); a missing second owner is masked out
+        self.fusion = nn.Embedding(shards.n_labels, 2, sparse=sparse)
+        nn.init.zeros_(self.fusion.weight)
+
+    # layout
+
+    def pairs(self, labels: torch.Tensor) -> Pairs:
+        """Expand candidate label ids (C,) into their (label, owner) pairs."""
+        owners = self.owner_player[labels]  # (C, 2)
+        rows = self.owner_row[labels]
+        cols, positions, player_rows, slices = [], [], [], []
+        start = 0
+        for player in range(self.n_players):
+            col, pos = torch.nonzero(owners == player, as_tuple=True)
+            cols.append(col)
+            positions.append(pos)
+            player_rows.append(rows[col, pos])
+            slices.append(slice(start, start + col.numel()))
+            start += col.numel()
+        col = torch.cat(cols)
+        pos = torch.cat(positions)
+        # the other owner of each overlapping label
+        pair_of = torch.full((labels.numel(), 2), -1, dtype=torch.long)
+        pair_of[col, pos] = torch.arange(col.numel())
+        peer = pair_of[col, 1 - pos]
+        return Pairs(labels, col, pos, peer, player_rows, slices)
+
+    # scoring
+
+    def player_logits(self, h: torch.Tensor, pairs: Pairs, player: int) -> torch.Tensor:
+        """(B, M_i) logits of one player on its pairs; gradients reach only those rows."""
+        w = self.tables[player](pairs.player_rows[player])  # (M_i, D + 1)
+        return h @ w[:, :-1].T + w[:, -1]
+
+    def logits(self, h: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+        """(B, M) logits of every player on its pairs."""
+        parts = [
+            self.player_logits(h, pairs, i)
+            for i in range(self.n_players)
+            if pairs.player_slices[i].stop > pairs.player_slices[i].start
+        ]
+        return torch.cat(parts, dim=1) if parts else h.new_zeros(h.shape[0], 0)
+
+    def stacked_weights(self, pairs: Pairs) -> torch.Tensor:
+        """(M, D + 1) weight rows of all pairs, detached (for the encoder's step)."""
+        return torch.cat(
+            [self.tables[i].weight[pairs.player_rows[i]] for i in range(self.n_players)]
+        ).detach()
+
+    def fusion_weights(self, pairs: Pairs) -> torch.Tensor:
+        """(M,) softmax weight of each pair's player among the label's owners."""
+        logits = self.fusion(pairs.labels)  # (C, 2)
+        has_second = self.owner_player[pairs.labels, 1] >= 0
+        mask = torch.stack([torch.ones_like(has_second), has_second], dim=1)
+        weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=1)
+        return weights[pairs.col, pairs.pos]
+
+    def fuse(self, probs: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+        """Fused probabilities (B, C) from pair probabilities (B, M)."""
+        weighted = probs * self.fusion_weights(pairs)
+        fused = probs.new_zeros(probs.shape[0], pairs.labels.numel())
+        return fused.index_add(1, pairs.col, weighted)
+
+    @torch.no_grad()
+    def predict_proba(self, h: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+        """Fused probabilities (B, C) for candidate labels."""
+        return self.fuse(torch.sigmoid(self.logits(h, pairs)), pairs)
+
+
+class CachedLinear(torch.autograd.Function):
+    """``h @ W.T + b`` whose value was already computed: only the backward to ``h`` runs.
+
+    The cyclic schedule rescored every player after its update, so the encoder's step reuses
+    those logits instead of a second forward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor):
+        ctx.save_for_backward(weights)
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx, grad_logits):
+        (weights,) = ctx.saved_tensors
+        return grad_logits @ weights[:, :-1], None, None

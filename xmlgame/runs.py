@@ -1,0 +1,178 @@
+"""Runs as the command line sees them: start, resume, find, predict, and report.
+
+The library pieces (:mod:`xmlgame.train`, :mod:`xmlgame.model`) know nothing of
+``$XMLGAME_HOME``; this module chooses folders and names, and formats results for people.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from xmlgame.dataset import load_dataset
+from xmlgame.encoders import EncoderConfig
+from xmlgame.errors import XmlgameError
+from xmlgame.game import GameConfig
+from xmlgame.paths import datasets_dir, latest, resolve_dataset, runs_dir
+from xmlgame.train import TrainConfig, train
+
+logger = logging.getLogger(__name__)
+
+REPORTED = ("p@1", "p@3", "p@5", "psp@1", "psp@3", "psp@5", "ndcg@5", "rare-f1@5")
+
+
+def make_config(
+    *, players: int, overlap: float, alpha: float, beta: float, schedule: str, encoder: str,
+    transformer: str | None, finetune: bool, dim: int, epochs: int, batch_size: int,
+    negatives: int, seed: int,
+) -> TrainConfig:
+    """A validated TrainConfig from command-line values."""
+    return TrainConfig(
+        encoder=EncoderConfig(
+            kind=encoder, dim=dim, transformer=transformer or "", finetune=finetune
+        ),
+        game=GameConfig(alpha=alpha, beta=beta, schedule=schedule),
+        players=players, overlap=overlap, epochs=epochs, batch_size=batch_size,
+        negatives=negatives, seed=seed,
+    )
+
+
+def default_dataset() -> Path:
+    """The latest prepared dataset, or the bundled debtags set prepared now."""
+    found = latest(datasets_dir(), "meta.json")
+    if found is not None:
+        return found
+    from xmlgame import recipes
+
+    logger.info("no prepared dataset yet: preparing the bundled debtags set")
+    return recipes.prep("debtags").path
+
+
+def new_run_dir(dataset_name: str, config: TrainConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = runs_dir() / f"{stamp}-{dataset_name}-N{config.players}"
+    run_dir, n = base, 1
+    while run_dir.exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    return run_dir
+
+
+def start_run(dataset: str | None, config: TrainConfig, out: Path | None = None,
+              progress: bool = True) -> tuple[dict, Path]:
+    path = default_dataset() if dataset is None else resolve_dataset(dataset)
+    data = load_dataset(path)
+    run_dir = out if out is not None else new_run_dir(data.name, config)
+    if (run_dir / "run.json").exists():
+        raise XmlgameError(
+            f"{run_dir} already holds a run; choose another --out or resume it with --resume"
+        )
+    return train(data, config, run_dir, progress=progress), run_dir
+
+
+def resume_run(run_dir: Path, progress: bool = True) -> tuple[dict, Path]:
+    run_dir = resolve_run(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    data = load_dataset(info["dataset"]["path"])
+    if data.meta["input_checksum"] != info["dataset"]["input_checksum"]:
+        raise XmlgameError(
+            f"the dataset at {data.path} changed since {run_dir} started (checksum differs); "
+            "start a new run instead of resuming"
+        )
+    config = TrainConfig(**info["config"])
+    return train(data, config, run_dir, resume=True, progress=progress), run_dir
+
+
+def resolve_run(run: str | Path) -> Path:
+    """A run folder from a path or 'latest'."""
+    if str(run) == "latest":
+        found = latest(runs_dir(), "model.safetensors")
+        if found is None:
+            raise XmlgameError(f"no trained run in {runs_dir()}; train one with `xmlgame train`")
+        return found
+    path = Path(run).expanduser()
+    if not (path / "run.json").exists():
+        named = runs_dir() / str(run)
+        if (named / "run.json").exists():
+            return named
+        raise XmlgameError(f"{run} is not a run folder (no run.json)")
+    return path
+
+
+def format_results(results: dict, run_dir: Path) -> str:
+    test = results["test"]
+    lines = [
+        f"run       {run_dir}",
+        f"selected  epoch {results['best_epoch']} of {results['epochs_run']} (validation)",
+        "test      " + "  ".join(f"{m.upper()} {100 * test[m]:.2f}" for m in REPORTED if m in test),
+        f"next      xmlgame eval {run_dir}   |   xmlgame predict {run_dir} \"some text\"",
+    ]
+    return "\n".join(lines)
+
+
+# prediction
+
+
+def read_texts(texts: Sequence[str] | None, input_file: Path | None) -> list[str]:
+    """Texts from the command line, or from a file: plain lines or JSON lines with 'text'."""
+    if texts and input_file is not None:
+        raise XmlgameError("give texts as arguments or with --input, not both")
+    if input_file is None:
+        if not texts:
+            raise XmlgameError('give a text to label, e.g. xmlgame predict RUN "some text"')
+        return list(texts)
+    if not input_file.exists():
+        raise XmlgameError(f"{input_file}: no such file")
+    out = []
+    with open(input_file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if line.lstrip().startswith("{"):
+                try:
+                    record = json.loads(line)
+                    out.append(str(record["text"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise XmlgameError(
+                        f"{input_file}, line {number}: expected a JSON object with a 'text' field"
+                    ) from None
+            else:
+                out.append(line)
+    return out
+
+
+def predict_texts(run: str | Path, texts: list[str], k: int):
+    """(ranked (name, score) lists, the raw Prediction, the model) for some texts."""
+    from xmlgame.model import load
+
+    if k < 1:
+        raise XmlgameError(f"-k must be at least 1, got {k}")
+    model = load(resolve_run(run))
+    prediction = model.predict_features(model.featurize(texts, progress=False), k=k)
+    names = model.label_names
+    ranked = [
+        [(names[i], float(s)) for i, s in zip(ids, scores) if i >= 0]
+        for ids, scores in zip(prediction.label_ids, prediction.scores)
+    ]
+    return ranked, prediction, model
+
+
+def save_prediction_file(path: Path, prediction, model) -> None:
+    from xmlgame.metrics import TopK
+    from xmlgame.predictions import save_predictions
+
+    dataset = model.run["dataset"]["name"] if hasattr(model, "run") else None
+    save_predictions(path, TopK(prediction.label_ids, prediction.scores), dataset_name=dataset)
+
+
+def format_ranked(texts: Sequence[str], ranked) -> str:
+    blocks = []
+    for text, labels in zip(texts, ranked):
+        head = text if len(text) <= 80 else text[:77] + "..."
+        rows = [f"  {score:6.3f}  {name}" for name, score in labels]
+        blocks.append("\n".join([head, *rows]))
+    return "\n\n".join(blocks)
+
+
