@@ -200,8 +200,28 @@ class BowEncoder(nn.Module):
 # transformer
 
 
+POOLINGS = ("mean", "cls", "max")
+
+
+def model_pooling(name_or_path: str) -> str:
+    """The pooling a model was trained with, read from a sentence-transformers folder.
+
+    Such folders (all-MiniLM-L6-v2 among them) describe it in ``1_Pooling/config.json``; other
+    models get mean pooling over non-padding tokens, the usual choice for sentence embeddings.
+    """
+    config = Path(name_or_path) / "1_Pooling" / "config.json"
+    if not config.exists():
+        return "mean"
+    flags = json.loads(config.read_text())
+    for mode in POOLINGS:
+        key = "pooling_mode_cls_token" if mode == "cls" else f"pooling_mode_{mode}_tokens"
+        if flags.get(key):
+            return mode
+    return "mean"
+
+
 class TransformerEncoder(nn.Module):
-    """A Hugging Face encoder with mean pooling over non-padding tokens: texts -> (B, D)."""
+    """A Hugging Face encoder with the model's own pooling (mean, CLS or max): texts -> (B, D)."""
 
     def __init__(self, name_or_path: str, max_length: int, finetune: bool):
         super().__init__()
@@ -219,6 +239,7 @@ class TransformerEncoder(nn.Module):
         self.max_length = max_length
         self.finetune = finetune
         self.dim = self.model.config.hidden_size
+        self.pooling = model_pooling(name_or_path)
         if not finetune:
             self.model.requires_grad_(False)
             self.model.eval()
@@ -231,7 +252,11 @@ class TransformerEncoder(nn.Module):
 
     def forward(self, input_ids, attention_mask, **extra) -> torch.Tensor:
         tokens = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return tokens[:, 0]
         mask = attention_mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
+        if self.pooling == "max":
+            return tokens.masked_fill(mask == 0, float("-inf")).max(1).values
         return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     @torch.no_grad()

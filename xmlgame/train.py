@@ -82,8 +82,14 @@ class TrainConfig:
             self.encoder = EncoderConfig(**self.encoder)
         if isinstance(self.game, dict):
             self.game = GameConfig(**self.game)
+        if self.players < 1:
+            raise XmlgameError(f"--players must be at least 1, got {self.players}")
+        if not 0.0 <= self.overlap <= 1.0:
+            raise XmlgameError(f"--overlap must be between 0 and 1, got {self.overlap}")
         if self.epochs < 1 or self.batch_size < 1:
             raise XmlgameError("--epochs and --batch-size must be at least 1")
+        if self.predict_k < 5:  # validation and test report metrics at k = 5
+            raise XmlgameError(f"predict_k must be at least 5, got {self.predict_k}")
         if not 0 < self.val_fraction < 0.5:
             raise XmlgameError("--val-fraction must be in (0, 0.5)")
         for name in self.select_metric.split("+"):
