@@ -172,30 +172,6 @@ def test_pair_gradient_matches_autograd_on_the_full_problem(config, candidates):
 
 
 @pytest.mark.parametrize("config", GAMES, ids=game_id)
-def test_pair_gradient_matches_autograd_on_the_focused_problem(config):
-    """A player's sub-problem (its labels only, sums scaled by the whole batch) has the same
-    gradient as the full problem, and the closed form agrees with both."""
-    world = make_world(seed=4)
-    logits, _, d_j = autograd_logit_gradients(world, config)
-    state = BatchState.start(logits.clone(), world.targets, world.rarity, world.pairs,
-                             world.players)
-    n_entries = world.targets.numel()
-    for i in range(N):
-        sub, index, columns = world.pairs.focus(i)
-        assert sub.labels.numel() < world.pairs.labels.numel()
-        sub_logits = logits[:, index].clone().requires_grad_(True)
-        result = payoffs(sub_logits, world.targets[:, columns], world.rarity[columns], sub,
-                         world.players, config, n_entries=n_entries)
-        d_sub = -grads(result.J(i, config.alpha), [sub_logits])[0]
-        own, sub_own = world.pairs.player_slices[i], sub.player_slices[i]
-        # the focused pairs are the player's own and their peers, in the same player order
-        assert torch.equal(index[sub_own], torch.arange(own.start, own.stop))
-        torch.testing.assert_close(d_sub[:, sub_own], d_j[i][:, own], rtol=1e-10, atol=1e-14)
-        closed = pair_logit_gradient(state, config, own)
-        torch.testing.assert_close(closed, d_sub[:, sub_own], rtol=1e-10, atol=1e-14)
-
-
-@pytest.mark.parametrize("config", GAMES, ids=game_id)
 def test_fusion_gradient_matches_autograd(config):
     world = make_world(seed=5)
     fusion = world.players.fusion.weight  # (L, 2)

@@ -78,7 +78,10 @@ def test_frozen_embeddings_are_cached_and_reused(world, home, monkeypatch, pretr
     assert len(files) == 2  # the training and the test split
     shapes = sorted(np.load(f).shape for f in files)
     assert shapes == [(8, 384), (24, 384)]
-    assert changed(transformer_weights(home / "runs" / "frozen-1"), pretrained) == []
+    # a frozen transformer is not copied into the run: it loads from its own folder, unchanged
+    assert transformer_weights(home / "runs" / "frozen-1") == {}
+    reloaded = load(home / "runs" / "frozen-1").encoder.transformer.model.state_dict()
+    assert changed(reloaded, pretrained) == []
 
     # a second run reads the cache: the transformer never runs
     def no_encoding(self, texts, batch_size=64, progress=True):

@@ -39,7 +39,9 @@ class GameConfig:
 
     def __post_init__(self):
         if self.alpha < 0 or self.beta < 0:
-            raise XmlgameError("--alpha and --beta must be >= 0")
+            raise XmlgameError(
+                f"--alpha and --beta must be >= 0, got {self.alpha} and {self.beta}"
+            )
         if self.divergence not in DIVERGENCES:
             raise XmlgameError(f"divergence {self.divergence!r}: choose one of {DIVERGENCES}")
         if self.schedule not in ("cyclic", "joint"):
@@ -70,14 +72,9 @@ def payoffs(
     pairs: Pairs,
     players: Players,
     config: GameConfig,
-    n_entries: int | None = None,
 ) -> Payoffs:
-    """R, each C_i and Phi from pair logits (B, M), targets (B, C) and rarity (C,).
-
-    ``n_entries`` is the B x C of the whole batch when these logits are a player's sub-problem
-    (see :meth:`Pairs.focus`), so that sums are scaled as in the full game.
-    """
-    n_entries = n_entries or targets.numel()
+    """R, each C_i and Phi from pair logits (B, M), targets (B, C) and rarity (C,)."""
+    n_entries = targets.numel()
     probs = torch.sigmoid(logits)  # (B, M)
     fused = players.fuse(probs, pairs).clamp(EPS, 1 - EPS)  # (B, C)
     R = -F.binary_cross_entropy(fused, targets, reduction="sum") / n_entries  # noqa: N806

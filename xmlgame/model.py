@@ -184,14 +184,31 @@ class XmlModel(torch.nn.Module):
                 f.write(name.replace("\n", " ") + "\n")
         tmp.replace(run_dir / "label_names.txt")
 
+    def frozen_prefix(self) -> str | None:
+        """State-dict prefix of weights loaded from the transformer's folder, not trained."""
+        return "encoder.transformer." if self.encoder.uses_cached_embeddings else None
+
     def save_weights(self, path: Path) -> None:
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        """The trained weights as safetensors; a frozen transformer stays in its own folder."""
+        frozen = self.frozen_prefix()
+        state = {
+            k: v.detach().contiguous()
+            for k, v in self.state_dict().items()
+            if frozen is None or not k.startswith(frozen)
+        }
         tmp = path.with_suffix(".tmp")
         save_file(state, str(tmp))
         tmp.replace(path)
 
     def load_weights(self, path: Path) -> None:
-        self.load_state_dict(load_file(str(path)))
+        missing, unexpected = self.load_state_dict(load_file(str(path)), strict=False)
+        frozen = self.frozen_prefix()
+        missing = [k for k in missing if frozen is None or not k.startswith(frozen)]
+        if missing or unexpected:
+            raise XmlgameError(
+                f"{path} does not match this model: missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}; was it written by another run or xmlgame version?"
+            )
 
 
 def label_prior(dataset_counts: np.ndarray, n_docs: int) -> np.ndarray:

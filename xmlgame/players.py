@@ -46,35 +46,6 @@ class Pairs:
     def n_pairs(self) -> int:
         return self.col.numel()
 
-    def focus(self, player: int) -> tuple[Pairs, torch.Tensor]:
-        """The sub-problem of one player: the labels it owns and all their pairs.
-
-        Returns the restricted :class:`Pairs` and the indices of its pairs among ``self``'s
-        (a player's objective depends on other labels only through constants, so its gradient
-        is the same on this sub-problem). Cached: candidate sets are often reused.
-        """
-        cache = self.__dict__.setdefault("_focus", {})
-        if player not in cache:
-            own = self.col[self.player_slices[player]]  # label columns it owns
-            keep = torch.zeros(self.labels.numel(), dtype=torch.bool)
-            keep[own] = True
-            index = torch.nonzero(keep[self.col]).squeeze(1)  # pairs of those labels
-            new_col = torch.cumsum(keep, 0)[self.col[index]] - 1
-            remap = torch.full((self.n_pairs,), -1, dtype=torch.long)
-            remap[index] = torch.arange(index.numel())
-            peer = self.peer[index]
-            peer = torch.where(peer >= 0, remap[peer.clamp(min=0)], peer)
-            slices, rows, start = [], [], 0
-            for i, s in enumerate(self.player_slices):
-                inside = (index >= s.start) & (index < s.stop)
-                count = int(inside.sum())
-                slices.append(slice(start, start + count))
-                rows.append(self.player_rows[i][index[inside] - s.start])
-                start += count
-            sub = Pairs(self.labels[keep], new_col, self.pos[index], peer, rows, slices)
-            cache[player] = (sub, index, torch.nonzero(keep).squeeze(1))
-        return cache[player]
-
 
 class Players(nn.Module):
     """N sparse players over overlapping label shards, plus the per-label fusion logits."""
@@ -167,21 +138,3 @@ class Players(nn.Module):
     def predict_proba(self, h: torch.Tensor, pairs: Pairs) -> torch.Tensor:
         """Fused probabilities (B, C) for candidate labels."""
         return self.fuse(torch.sigmoid(self.logits(h, pairs)), pairs)
-
-
-class CachedLinear(torch.autograd.Function):
-    """``h @ W.T + b`` whose value was already computed: only the backward to ``h`` runs.
-
-    The cyclic schedule rescored every player after its update, so the encoder's step reuses
-    those logits instead of a second forward pass.
-    """
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, logits: torch.Tensor, weights: torch.Tensor):
-        ctx.save_for_backward(weights)
-        return logits.clone()
-
-    @staticmethod
-    def backward(ctx, grad_logits):
-        (weights,) = ctx.saved_tensors
-        return grad_logits @ weights[:, :-1], None, None

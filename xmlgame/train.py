@@ -87,7 +87,10 @@ class TrainConfig:
         if not 0.0 <= self.overlap <= 1.0:
             raise XmlgameError(f"--overlap must be between 0 and 1, got {self.overlap}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise XmlgameError("--epochs and --batch-size must be at least 1")
+            raise XmlgameError(
+                f"--epochs and --batch-size must be at least 1, got {self.epochs} and "
+                f"{self.batch_size}"
+            )
         if self.predict_k < 5:  # validation and test report metrics at k = 5
             raise XmlgameError(f"predict_k must be at least 5, got {self.predict_k}")
         if not 0 < self.val_fraction < 0.5:
@@ -235,7 +238,9 @@ def set_row_gradient(table: torch.nn.Embedding, rows: torch.Tensor, grad_rows: t
             rows[None], grad_rows, table.weight.shape, check_invariants=False
         )
     else:
-        table.weight.grad = torch.zeros_like(table.weight).index_add_(0, rows, grad_rows)
+        grad = torch.zeros_like(table.weight)
+        grad[rows] = grad_rows  # rows are distinct: one pair per (label, player)
+        table.weight.grad = grad
 
 
 def row_gradient_norms(table: torch.nn.Embedding) -> tuple[torch.Tensor, torch.Tensor]:
