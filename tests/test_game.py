@@ -30,11 +30,13 @@ GAMES = [
     GameConfig(alpha=2.0, beta=1.5, divergence="absolute"),
     GameConfig(alpha=0.0, beta=0.3),
     GameConfig(alpha=1.0, beta=0.0),
+    GameConfig(alpha=1.5, beta=0.4, curiosity_targets="positives"),
 ]
 
 
 def game_id(config: GameConfig) -> str:
-    return f"alpha{config.alpha}-beta{config.beta}-{config.divergence}"
+    return (f"alpha{config.alpha}-beta{config.beta}-{config.divergence}"
+            f"-{config.curiosity_targets}")
 
 
 @dataclass

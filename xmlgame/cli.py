@@ -131,6 +131,9 @@ def train(
     overlap: float = typer.Option(0.2, help="Fraction rho of labels given to a second player."),
     alpha: float = typer.Option(1.0, help="Weight of curiosity (0: no game, plain BCE)."),
     beta: float = typer.Option(0.1, help="Weight of disagreement with peers inside curiosity."),
+    curiosity_targets: str = typer.Option(
+        "all", help="Rarity-weighted log-likelihood over all candidates or over positives only."
+    ),
     schedule: str = typer.Option("cyclic", help="cyclic (player by player) or joint."),
     encoder: str = typer.Option("bow", help="bow, transformer, or both (concatenated)."),
     transformer: str | None = typer.Option(
@@ -165,6 +168,7 @@ def train(
     else:
         config = runs.make_config(
             players=players, overlap=overlap, alpha=alpha, beta=beta, schedule=schedule,
+            curiosity_targets=curiosity_targets,
             encoder=encoder, transformer=transformer, finetune=finetune, dim=dim,
             epochs=epochs, batch_size=batch_size, negatives=negatives, seed=seed,
         )

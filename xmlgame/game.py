@@ -26,6 +26,7 @@ from xmlgame.players import Pairs, Players
 
 EPS = 1e-6
 DIVERGENCES = ("squared", "absolute")
+CURIOSITY_TARGETS = ("all", "positives")
 
 
 @dataclass
@@ -36,6 +37,8 @@ class GameConfig:
     beta: float = 0.1  # weight of disagreement inside curiosity
     divergence: str = "squared"
     schedule: str = "cyclic"  # or "joint"
+    # the rarity-weighted log-likelihood over all candidate entries, or over positives only
+    curiosity_targets: str = "all"
 
     def __post_init__(self):
         if self.alpha < 0 or self.beta < 0:
@@ -44,6 +47,11 @@ class GameConfig:
             )
         if self.divergence not in DIVERGENCES:
             raise XmlgameError(f"divergence {self.divergence!r}: choose one of {DIVERGENCES}")
+        if self.curiosity_targets not in CURIOSITY_TARGETS:
+            raise XmlgameError(
+                f"--curiosity-targets {self.curiosity_targets!r}: choose one of "
+                f"{', '.join(CURIOSITY_TARGETS)}"
+            )
         if self.schedule not in ("cyclic", "joint"):
             raise XmlgameError(f"--schedule {self.schedule!r}: choose cyclic or joint")
 
@@ -87,6 +95,8 @@ def payoffs(
     pair_targets = targets[:, pairs.col]  # (B, M)
     pair_rarity = rarity[pairs.col]  # (M,)
     loglik = -F.binary_cross_entropy_with_logits(logits, pair_targets, reduction="none")
+    if config.curiosity_targets == "positives":
+        loglik = loglik * pair_targets
     per_pair = (loglik * pair_rarity).sum(0)  # (M,)
 
     overlapping = pairs.peer >= 0
@@ -169,7 +179,10 @@ def pair_logit_gradient(
     if config.alpha > 0:
         targets = state.targets[:, cols]
         r = state.rarity[cols] * (config.alpha / state.fused.numel())
-        grad += r * (targets - pi)  # rarity-weighted log-likelihood
+        if config.curiosity_targets == "positives":
+            grad += r * targets * (1 - pi)  # rarity-weighted log-likelihood of positives
+        else:
+            grad += r * (targets - pi)  # rarity-weighted log-likelihood
         peer = pairs.peer[select]
         shared = peer >= 0
         if config.beta > 0 and shared.any():

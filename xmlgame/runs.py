@@ -25,7 +25,8 @@ REPORTED = ("p@1", "p@3", "p@5", "psp@1", "psp@3", "psp@5", "ndcg@5", "rare-f1@5
 
 
 def make_config(
-    *, players: int, overlap: float, alpha: float, beta: float, schedule: str, encoder: str,
+    *, players: int, overlap: float, alpha: float, beta: float, schedule: str,
+    curiosity_targets: str, encoder: str,
     transformer: str | None, finetune: bool, dim: int, epochs: int, batch_size: int,
     negatives: int, seed: int,
 ) -> TrainConfig:
@@ -34,7 +35,9 @@ def make_config(
         encoder=EncoderConfig(
             kind=encoder, dim=dim, transformer=transformer or "", finetune=finetune
         ),
-        game=GameConfig(alpha=alpha, beta=beta, schedule=schedule),
+        game=GameConfig(
+            alpha=alpha, beta=beta, schedule=schedule, curiosity_targets=curiosity_targets
+        ),
         players=players, overlap=overlap, epochs=epochs, batch_size=batch_size,
         negatives=negatives, seed=seed,
     )
