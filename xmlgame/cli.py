@@ -129,7 +129,7 @@ def train(
     ),
     players: int = typer.Option(6, help="Number of players N (label shards)."),
     overlap: float = typer.Option(0.2, help="Fraction rho of labels given to a second player."),
-    alpha: float = typer.Option(1.0, help="Weight of curiosity (0: no game, plain BCE)."),
+    alpha: float = typer.Option(16.0, help="Weight of curiosity (0: no game, plain BCE)."),
     beta: float = typer.Option(0.1, help="Weight of disagreement with peers inside curiosity."),
     curiosity_targets: str = typer.Option(
         "all", help="Rarity-weighted log-likelihood over all candidates or over positives only."
