@@ -263,7 +263,8 @@ def test_cli_train_writes_a_complete_run(small_toy, tmp_path):
             assert isinstance(entry[key], float), key
         assert len(entry["C"]) == 2 and len(entry["tail_labels_led"]) == 2
         assert set(entry["val"]) == VAL_KEYS
-        assert entry["Phi"] == pytest.approx(entry["R"] + sum(entry["C"]), abs=1e-5)
+        alpha = run["config"]["game"]["alpha"]
+        assert entry["Phi"] == pytest.approx(entry["R"] + alpha * sum(entry["C"]), abs=1e-5)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and 1 <= metrics["best_epoch"] <= 2
     assert {"p@1", "psp@5", "rare-f1@5"} <= set(metrics["test"])

@@ -120,16 +120,18 @@ class BatchState:
     """What the cyclic schedule keeps of a batch while players move: no graph, just values.
 
     ``logits``/``probs`` are (B, M) over pairs, ``fused`` the (B, C) fused probabilities before
-    clamping, ``weights`` the (M,) fusion weight of each pair. After a player's step,
-    :meth:`replace` updates its pairs and the fused columns they feed.
+    clamping, ``weights`` the (M,) fusion weight of each pair; ``pair_targets`` (B, M) and
+    ``pair_rarity`` (M,) are the targets and rarity of each pair's label, gathered once so that
+    a player's slice of them is a view. After a player's step, :meth:`replace` updates its pairs
+    and the fused columns they feed.
     """
 
     logits: torch.Tensor
     probs: torch.Tensor
     fused: torch.Tensor
     weights: torch.Tensor
-    targets: torch.Tensor
-    rarity: torch.Tensor
+    pair_targets: torch.Tensor
+    pair_rarity: torch.Tensor
     pairs: Pairs
 
     @classmethod
@@ -138,7 +140,7 @@ class BatchState:
             probs = torch.sigmoid(logits)
             weights = players.fusion_weights(pairs)
             fused = probs.new_zeros(targets.shape).index_add_(1, pairs.col, probs * weights)
-        return cls(logits, probs, fused, weights, targets, rarity, pairs)
+        return cls(logits, probs, fused, weights, targets[:, pairs.col], rarity[pairs.col], pairs)
 
     @torch.no_grad()
     def replace(self, player: int, logits: torch.Tensor) -> None:
@@ -150,12 +152,13 @@ class BatchState:
         self.probs[:, own] = probs
 
     @torch.no_grad()
-    def fused_slope(self, cols) -> torch.Tensor:
-        """dR/dp on some label columns, (B, |cols|), with the clamp's zero gradient outside."""
-        fused = self.fused[:, cols]
+    def fused_slope(self, select) -> torch.Tensor:
+        """dR/dp at the labels of the pairs ``select``, (B, |select|); 0 where p is clamped."""
+        fused = self.fused[:, self.pairs.col[select]]
         inside = (fused >= EPS) & (fused <= 1 - EPS)
-        fused = fused.clamp(EPS, 1 - EPS)
-        return (self.targets[:, cols] - fused) / (fused * (1 - fused)) * inside / self.fused.numel()
+        fused = fused.clamp_(EPS, 1 - EPS)
+        slope = (self.pair_targets[:, select] - fused).div_(fused * (1 - fused))
+        return slope.mul_(inside).div_(self.fused.numel())
 
 
 @torch.no_grad()
@@ -167,18 +170,17 @@ def pair_logit_gradient(
     For a player's own pairs this is also d(-J_i)/dz: peers enter J_i only through sg, so the
     two differ by terms that do not depend on player i. It is the derivative autograd takes
     through :func:`payoffs` (a test checks it), computed without building a graph.
-    ``slope_fused`` is ``state.fused_slope(pairs.col[select])`` when the caller has it already.
+    ``slope_fused`` is ``state.fused_slope(select)`` when the caller has it already.
     """
     pairs = state.pairs
-    cols = pairs.col[select]
     pi = state.probs[:, select]
     slope = pi * (1 - pi)  # dpi/dz
     if slope_fused is None:
-        slope_fused = state.fused_slope(cols)
+        slope_fused = state.fused_slope(select)
     grad = slope_fused * state.weights[select] * slope  # dR/dz
     if config.alpha > 0:
-        targets = state.targets[:, cols]
-        r = state.rarity[cols] * (config.alpha / state.fused.numel())
+        targets = state.pair_targets[:, select]
+        r = state.pair_rarity[select] * (config.alpha / state.fused.numel())
         if config.curiosity_targets == "positives":
             grad += r * targets * (1 - pi)  # rarity-weighted log-likelihood of positives
         else:
@@ -199,10 +201,13 @@ def fusion_logit_gradient(
     """d(-Phi)/d(fusion logits) of each pair, (M,): only R depends on fusion.
 
     With ``a = softmax`` over a label's owners and ``g_m = dR/da_m``, the logit gradient is
-    ``a_m (g_m - sum_o a_o g_o)``; single-owner labels get zero.
+    ``a_m (g_m - sum_o a_o g_o)``; single-owner labels get zero. ``slope_fused`` is
+    ``state.fused_slope(slice(None))`` when the caller has it already.
     """
     pairs = state.pairs
-    g = (state.fused_slope(pairs.col) * state.probs).sum(0)  # (M,)
+    if slope_fused is None:
+        slope_fused = state.fused_slope(slice(None))
+    g = (slope_fused * state.probs).sum(0)  # (M,)
     ag = state.weights * g
     per_label = ag.new_zeros(pairs.labels.numel()).index_add_(0, pairs.col, ag)
     return -(ag - state.weights * per_label[pairs.col])

@@ -75,6 +75,7 @@ class TrainConfig:
     select_metric: str = "psp@5+p@1"
     rare_threshold: int = 10
     predict_k: int = 20
+    measure_every: int = 4  # batches between measurements of Phi, R, C_i and gradient norms
     seed: int = 0
 
     def __post_init__(self):
@@ -93,6 +94,8 @@ class TrainConfig:
             )
         if self.predict_k < 5:  # validation and test report metrics at k = 5
             raise XmlgameError(f"predict_k must be at least 5, got {self.predict_k}")
+        if self.measure_every < 1:
+            raise XmlgameError(f"measure_every must be at least 1, got {self.measure_every}")
         if not 0 < self.val_fraction < 0.5:
             raise XmlgameError("--val-fraction must be in (0, 0.5)")
         for name in self.select_metric.split("+"):
@@ -278,8 +281,12 @@ class GradientProbe:
 
 
 def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, game: GameConfig,
-               probe: GradientProbe | None) -> dict:
-    """One batch of the game; returns the batch's R, C_i and Phi (after the players moved)."""
+               probe: GradientProbe | None):
+    """One batch of the game.
+
+    With a ``probe`` (a measured batch), records the players' gradient norms and returns the
+    batch's R, C_i and Phi (after the players moved); otherwise returns None (cyclic schedule).
+    """
     players = model.players
     h = model.encoder(inputs)  # (B, D)
     if game.schedule == "joint":
@@ -314,7 +321,7 @@ def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, ga
             state.replace(i, players.player_logits(hd, pairs, i))
 
     # encoder and fusion: a step on Phi with every player's fresh logits
-    slope_fused = state.fused_slope(pairs.col)  # dR/dp for every pair's label, (B, M)
+    slope_fused = state.fused_slope(slice(None))  # dR/dp at every pair's label, (B, M)
     grad_logits = pair_logit_gradient(state, game, slice(None), slope_fused)  # (B, M)
     weights = players.stacked_weights(pairs)  # (M, D + 1)
     for o in [opt.fusion] + opt.encoder:
@@ -326,6 +333,8 @@ def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, ga
     set_row_gradient(players.fusion, pairs.labels, fusion_rows)
     for o in [opt.fusion] + opt.encoder:
         o.step()
+    if probe is None:
+        return None
     with torch.no_grad():
         return payoffs(state.logits, targets, rarity, pairs, players, game)
 
@@ -442,7 +451,7 @@ class Trainer:
         rng = np.random.default_rng([config.seed, epoch])
         order = rng.permutation(self.n_train)
         probe = GradientProbe(model.shards, data.train_counts, config.rare_threshold)
-        totals = {"phi": 0.0, "R": 0.0, "C": np.zeros(model.players.n_players)}
+        totals = {"phi": 0.0, "R": 0.0, "C": np.zeros(model.players.n_players), "n": 0}
         batches = range(0, self.n_train, config.batch_size)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}", unit="batch", disable=not self.progress,
                    leave=False)
@@ -451,19 +460,23 @@ class Trainer:
             rows = order[first : first + config.batch_size]
             pairs, targets = self.candidates.select(data.Y_train[rows], rng)
             inputs = batch_inputs(model.encoder, data.train, rows)
+            measure = (n_batches - 1) % config.measure_every == 0
             result = train_step(model, self.opt, inputs, pairs, targets,
-                                self.rarity[pairs.labels], config.game, probe)
-            totals["phi"] += result.phi.item()
-            totals["R"] += result.R.item()
-            totals["C"] += result.C.detach().numpy()
-            if n_batches % 20 == 0:
-                bar.set_postfix(Phi=f"{totals['phi'] / n_batches:.4f}")
+                                self.rarity[pairs.labels], config.game, probe if measure else None)
+            if result is not None:
+                totals["phi"] += result.phi.item()
+                totals["R"] += result.R.item()
+                totals["C"] += result.C.detach().numpy()
+                totals["n"] += 1
+                bar.set_postfix(Phi=f"{totals['phi'] / totals['n']:.4f}", refresh=False)
         seconds = time.time() - start
+        n = max(totals["n"], 1)
         return {
             "epoch": epoch + 1,
-            "Phi": totals["phi"] / n_batches,
-            "R": totals["R"] / n_batches,
-            "C": (totals["C"] / n_batches).tolist(),
+            "Phi": totals["phi"] / n,
+            "R": totals["R"] / n,
+            "C": (totals["C"] / n).tolist(),
+            "measured_batches": totals["n"],
             **probe.summary(),
             "train_seconds": round(seconds, 2),
             "docs_per_second": round(self.n_train / seconds, 1),
