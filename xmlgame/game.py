@@ -165,7 +165,7 @@ class BatchState:
 def pair_logit_gradient(
     state: BatchState, config: GameConfig, select, slope_fused: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """d(-Phi)/dz for the pairs ``select`` (a slice or index tensor), (B, |select|).
+    """d(-Phi)/dz for the pairs ``select`` (a slice of them), (B, |select|).
 
     For a player's own pairs this is also d(-J_i)/dz: peers enter J_i only through sg, so the
     two differ by terms that do not depend on player i. It is the derivative autograd takes
@@ -185,12 +185,12 @@ def pair_logit_gradient(
             grad += r * targets * (1 - pi)  # rarity-weighted log-likelihood of positives
         else:
             grad += r * (targets - pi)  # rarity-weighted log-likelihood
-        peer = pairs.peer[select]
-        shared = peer >= 0
-        if config.beta > 0 and shared.any():
-            diff = pi[:, shared] - state.probs[:, peer[shared]]
+        shared, peers = pairs.overlap(select)
+        if config.beta > 0 and shared.numel():
+            diff = pi.index_select(1, shared) - state.probs.index_select(1, peers)
             d = 2 * diff if config.divergence == "squared" else torch.sign(diff)
-            grad[:, shared] += config.beta * r[shared] * d * slope[:, shared]
+            push = d.mul_(slope.index_select(1, shared)).mul_(config.beta * r[shared])
+            grad.index_add_(1, shared, push)
     return -grad
 
 

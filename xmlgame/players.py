@@ -46,6 +46,17 @@ class Pairs:
     def n_pairs(self) -> int:
         return self.col.numel()
 
+    def overlap(self, select: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the pairs in ``select``: positions (within it) of those with a peer, and the
+        peers' pair indices. Cached, as each batch asks once per player and once for all."""
+        cache = self.__dict__.setdefault("_overlap", {})
+        key = (select.start, select.stop)
+        if key not in cache:
+            peer = self.peer[select]
+            shared = torch.nonzero(peer >= 0).squeeze(1)
+            cache[key] = (shared, peer[shared])
+        return cache[key]
+
 
 class Players(nn.Module):
     """N sparse players over overlapping label shards, plus the per-label fusion logits."""
@@ -79,19 +90,15 @@ class Players(nn.Module):
 
     def pairs(self, labels: torch.Tensor) -> Pairs:
         """Expand candidate label ids (C,) into their (label, owner) pairs."""
-        owners = self.owner_player[labels]  # (C, 2)
-        rows = self.owner_row[labels]
-        cols, positions, player_rows, slices = [], [], [], []
-        start = 0
-        for player in range(self.n_players):
-            col, pos = torch.nonzero(owners == player, as_tuple=True)
-            cols.append(col)
-            positions.append(pos)
-            player_rows.append(rows[col, pos])
-            slices.append(slice(start, start + col.numel()))
-            start += col.numel()
-        col = torch.cat(cols)
-        pos = torch.cat(positions)
+        owners = self.owner_player[labels].reshape(-1)  # (2C,): (label, position) row-major
+        entries = torch.nonzero(owners >= 0).squeeze(1)
+        # group by player; the stable sort keeps label order within each player's pairs
+        entries = entries[torch.sort(owners[entries], stable=True).indices]
+        col, pos = entries // 2, entries % 2
+        counts = torch.bincount(owners[entries], minlength=self.n_players).tolist()
+        player_rows = list(torch.split(self.owner_row[labels].reshape(-1)[entries], counts))
+        ends = np.cumsum(counts).tolist()
+        slices = [slice(end - count, end) for end, count in zip(ends, counts)]
         # the other owner of each overlapping label
         pair_of = torch.full((labels.numel(), 2), -1, dtype=torch.long)
         pair_of[col, pos] = torch.arange(col.numel())
