@@ -22,31 +22,46 @@ class RowAdam(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
     @torch.no_grad()
+    def step_rows(self, param: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+        """One step on the given distinct ``rows`` of ``param`` with their gradient, directly:
+        the same update as ``step`` with a sparse gradient, without building one."""
+        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+        self._update_rows(param, rows, grad_rows, group)
+
+    def _state(self, p: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        t = state["step"]
+        size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+        return state["exp_avg"], state["exp_avg_sq"], size
+
+    def _update_rows(self, p, rows, g, group) -> None:
+        beta1, beta2 = group["betas"]
+        m, v, size = self._state(p, group)
+        m_rows = m.index_select(0, rows).mul_(beta1).add_(g, alpha=1 - beta1)
+        v_rows = v.index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m.index_copy_(0, rows, m_rows)
+        v.index_copy_(0, rows, v_rows)
+        update = m_rows.div_(v_rows.sqrt_().add_(group["eps"]))
+        p.index_copy_(0, rows, p.index_select(0, rows).sub_(update, alpha=size))
+
+    @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = state["step"]
-                size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
                 if p.grad.is_sparse:
                     grad = p.grad.coalesce()
-                    rows, g = grad.indices()[0], grad.values()
-                    m_rows = m.index_select(0, rows).mul_(beta1).add_(g, alpha=1 - beta1)
-                    v_rows = v.index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    m.index_copy_(0, rows, m_rows)
-                    v.index_copy_(0, rows, v_rows)
-                    update = m_rows.div_(v_rows.sqrt_().add_(group["eps"]))
-                    p.index_add_(0, rows, update, alpha=-size)
+                    self._update_rows(p, grad.indices()[0], grad.values(), group)
                 else:
+                    m, v, size = self._state(p, group)
                     m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
                     v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                     p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-size)

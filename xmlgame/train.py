@@ -313,10 +313,14 @@ def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, ga
             continue
         grad_rows = pair_logit_gradient(state, game, own).T @ h1  # (M_i, D + 1)
         rows = pairs.player_rows[i]
-        set_row_gradient(players.tables[i], rows, grad_rows)
         if probe is not None:
             probe.record(i, rows, grad_rows.norm(dim=1))
-        opt.players[i].step()
+        table = players.tables[i]
+        if table.sparse:  # update the candidates' rows in place, no sparse tensor needed
+            opt.players[i].step_rows(table.weight, rows, grad_rows)
+        else:
+            set_row_gradient(table, rows, grad_rows)
+            opt.players[i].step()
         with torch.no_grad():
             state.replace(i, players.player_logits(hd, pairs, i))
 
