@@ -189,7 +189,7 @@ def pair_logit_gradient(
         if config.beta > 0 and shared.numel():
             diff = pi.index_select(1, shared) - state.probs.index_select(1, peers)
             d = 2 * diff if config.divergence == "squared" else torch.sign(diff)
-            push = d.mul_(slope.index_select(1, shared)).mul_(config.beta * r[shared])
+            push = config.beta * r[shared] * d * slope.index_select(1, shared)
             grad.index_add_(1, shared, push)
     return -grad
 
