@@ -112,7 +112,7 @@ def format_table(results: dict) -> str:
         lines.append(
             f"test         {counts['docs']:,} documents ({counts['docs_without_labels']:,} "
             f"without labels), {counts['test_assignments']:,} label assignments, "
-            f"{counts['unseen_label_assignments']:,} of labels unseen in training"
+            f"{counts['unseen_label_assignments']:,} held by labels unseen in training"
         )
         lines.append(
             f"rare labels  {counts['rare_labels']:,} with 1..{results.get('rare_threshold', '?')} "
