@@ -71,9 +71,6 @@ class TextColumn(Sequence):
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         return bytes(self._bytes[start:end]).decode("utf-8")
 
-    def take(self, ids: Iterable[int]) -> list[str]:
-        return [self[int(i)] for i in ids]
-
 
 class TextColumnWriter:
     """Appends strings to a ``.bin`` file and records their offsets."""

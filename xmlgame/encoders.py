@@ -25,7 +25,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -148,7 +148,9 @@ class TfidfVocabulary:
         if X.shape[1] > len(self):
             X = X[:, : len(self)]  # noqa: N806
         elif X.shape[1] < len(self):
-            X = sp.csr_matrix((X.data, X.indices, X.indptr), shape=(X.shape[0], len(self)))  # noqa: N806
+            X = sp.csr_matrix(  # noqa: N806
+                (X.data, X.indices, X.indptr), shape=(X.shape[0], len(self))
+            )
         X.data = (1 + np.log(np.maximum(X.data, 1e-12))).astype(np.float32)
         X.data[X.data < 0] = 0  # feature values below 1/e carry no weight
         X = X.multiply(self.idf[None, :]).tocsr().astype(np.float32)  # noqa: N806
@@ -377,7 +379,3 @@ def batch_inputs(encoder: DocumentEncoder, features: SplitFeatures, rows: np.nda
                 encoder.transformer.tokenize([features.texts[int(i)] for i in rows])
             )
     return inputs
-
-
-def config_dict(config: EncoderConfig) -> dict:
-    return asdict(config)
