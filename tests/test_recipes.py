@@ -319,3 +319,12 @@ def test_extract_rejects_a_broken_archive(tmp_path):
     with pytest.raises(XmlgameError, match="not a readable tar archive"):
         download.extract(archive, tmp_path / "files")
     assert [p.name for p in tmp_path.iterdir()] == ["broken.tar.gz"]
+
+
+def test_synthetic_options_are_refused_for_other_datasets(tmp_path, monkeypatch):
+    """Options that only shape generated data must not be silently ignored elsewhere."""
+    monkeypatch.setenv("XMLGAME_HOME", str(tmp_path))
+    result = CliRunner().invoke(app, ["prep", "debtags", "--labels", "50", "--seed", "3"])
+    assert result.exit_code == 2
+    assert "--labels, --seed" in result.output and "synthetic" in result.output
+    assert not (tmp_path / "datasets").exists()

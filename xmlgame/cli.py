@@ -70,11 +70,11 @@ def prep(
     list_recipes: bool = typer.Option(False, "--list", help="List the dataset recipes and exit."),
     propensity_a: float | None = typer.Option(None, "--A", help="Propensity constant A."),
     propensity_b: float | None = typer.Option(None, "--B", help="Propensity constant B."),
-    labels: int = typer.Option(10_000, help="synthetic: number of labels."),
-    train_docs: int = typer.Option(20_000, help="synthetic: training documents."),
-    test_docs: int = typer.Option(5_000, help="synthetic: test documents."),
-    features: str = typer.Option("text", help="synthetic: 'text' or 'sparse' inputs."),
-    seed: int = typer.Option(0, help="synthetic: random seed."),
+    labels: int | None = typer.Option(None, help="synthetic: number of labels [10000]."),
+    train_docs: int | None = typer.Option(None, help="synthetic: training documents [20000]"),
+    test_docs: int | None = typer.Option(None, help="synthetic: test documents [5000]."),
+    features: str | None = typer.Option(None, help="synthetic: 'text' or 'sparse' [text]."),
+    seed: int | None = typer.Option(None, help="synthetic: random seed [0]."),
 ) -> None:
     """Prepare a dataset: download or convert it into xmlgame's format.
 
@@ -105,7 +105,11 @@ def prep(
                 "xmlgame prep MY-NAME --from FILE_OR_DIR"
             )
         config = SyntheticConfig(
-            n_labels=labels, n_train=train_docs, n_test=test_docs, inputs=features, seed=seed
+            n_labels=10_000 if labels is None else labels,
+            n_train=20_000 if train_docs is None else train_docs,
+            n_test=5_000 if test_docs is None else test_docs,
+            inputs=features or "text",
+            seed=0 if seed is None else seed,
         )
         dataset = prepare_synthetic(
             config, out=out,
@@ -113,6 +117,14 @@ def prep(
             propensity_b=DEFAULT_B if propensity_b is None else propensity_b,
         )
     else:
+        synthetic_only = {"--labels": labels, "--train-docs": train_docs,
+                          "--test-docs": test_docs, "--features": features, "--seed": seed}
+        given = [flag for flag, value in synthetic_only.items() if value is not None]
+        if given:
+            raise XmlgameError(
+                f"{', '.join(given)}: for `xmlgame prep synthetic` only; remove to "
+                f"prepare {name!r}"
+            )
         dataset = recipes.prep(
             name, source=source, out=out, layout=layout,
             propensity_a=propensity_a, propensity_b=propensity_b,
