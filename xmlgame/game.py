@@ -154,9 +154,9 @@ class BatchState:
     @torch.no_grad()
     def fused_slope(self, select) -> torch.Tensor:
         """dR/dp at the labels of the pairs ``select``, (B, |select|); 0 where p is clamped."""
-        fused = self.fused[:, self.pairs.col[select]]
-        inside = (fused >= EPS) & (fused <= 1 - EPS)
-        fused = fused.clamp_(EPS, 1 - EPS)
+        raw = self.fused[:, self.pairs.col[select]]
+        fused = raw.clamp(EPS, 1 - EPS)
+        inside = fused == raw
         slope = (self.pair_targets[:, select] - fused).div_(fused * (1 - fused))
         return slope.mul_(inside).div_(self.fused.numel())
 

@@ -22,11 +22,14 @@ class RowAdam(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
     @torch.no_grad()
-    def step_rows(self, param: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor) -> None:
+    def step_rows(
+        self, param: torch.Tensor, rows: torch.Tensor, grad_rows: torch.Tensor
+    ) -> torch.Tensor:
         """One step on the given distinct ``rows`` of ``param`` with their gradient, directly:
-        the same update as ``step`` with a sparse gradient, without building one."""
+        the same update as ``step`` with a sparse gradient, without building one. Returns the
+        updated rows."""
         group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
-        self._update_rows(param, rows, grad_rows, group)
+        return self._update_rows(param, rows, grad_rows, group)
 
     def _state(self, p: torch.Tensor, group: dict) -> tuple[torch.Tensor, torch.Tensor, float]:
         state = self.state[p]
@@ -40,7 +43,7 @@ class RowAdam(torch.optim.Optimizer):
         size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
         return state["exp_avg"], state["exp_avg_sq"], size
 
-    def _update_rows(self, p, rows, g, group) -> None:
+    def _update_rows(self, p, rows, g, group) -> torch.Tensor:
         beta1, beta2 = group["betas"]
         m, v, size = self._state(p, group)
         m_rows = m.index_select(0, rows).mul_(beta1).add_(g, alpha=1 - beta1)
@@ -48,7 +51,9 @@ class RowAdam(torch.optim.Optimizer):
         m.index_copy_(0, rows, m_rows)
         v.index_copy_(0, rows, v_rows)
         update = m_rows.div_(v_rows.sqrt_().add_(group["eps"]))
-        p.index_copy_(0, rows, p.index_select(0, rows).sub_(update, alpha=size))
+        new_rows = p.index_select(0, rows).sub_(update, alpha=size)
+        p.index_copy_(0, rows, new_rows)
+        return new_rows
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -121,12 +121,6 @@ class Players(nn.Module):
         ]
         return torch.cat(parts, dim=1) if parts else h.new_zeros(h.shape[0], 0)
 
-    def stacked_weights(self, pairs: Pairs) -> torch.Tensor:
-        """(M, D + 1) weight rows of all pairs, detached (for the encoder's step)."""
-        return torch.cat(
-            [self.tables[i].weight[pairs.player_rows[i]] for i in range(self.n_players)]
-        ).detach()
-
     def fusion_weights(self, pairs: Pairs) -> torch.Tensor:
         """(M,) softmax weight of each pair's player among the label's owners."""
         logits = self.fusion(pairs.labels)  # (C, 2)

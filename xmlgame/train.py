@@ -305,7 +305,9 @@ def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, ga
     hd = h.detach()
     h1 = torch.cat([hd, hd.new_ones(hd.shape[0], 1)], 1)  # (B, D + 1): bias column
     with torch.no_grad():
-        logits = players.logits(hd, pairs)  # (B, M)
+        # each player's candidate rows, gathered once and kept current through its step
+        weights = [players.tables[i](pairs.player_rows[i]) for i in range(players.n_players)]
+        logits = torch.cat([hd @ w[:, :-1].T + w[:, -1] for w in weights], 1)  # (B, M)
     state = BatchState.start(logits, targets, rarity, pairs, players)
     for i in range(players.n_players):
         own = pairs.player_slices[i]
@@ -317,17 +319,18 @@ def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, ga
             probe.record(i, rows, grad_rows.norm(dim=1))
         table = players.tables[i]
         if table.sparse:  # update the candidates' rows in place, no sparse tensor needed
-            opt.players[i].step_rows(table.weight, rows, grad_rows)
+            weights[i] = opt.players[i].step_rows(table.weight, rows, grad_rows)
         else:
             set_row_gradient(table, rows, grad_rows)
             opt.players[i].step()
+            weights[i] = table.weight.detach()[rows]
         with torch.no_grad():
-            state.replace(i, players.player_logits(hd, pairs, i))
+            state.replace(i, hd @ weights[i][:, :-1].T + weights[i][:, -1])
 
     # encoder and fusion: a step on Phi with every player's fresh logits
     slope_fused = state.fused_slope(slice(None))  # dR/dp at every pair's label, (B, M)
     grad_logits = pair_logit_gradient(state, game, slice(None), slope_fused)  # (B, M)
-    weights = players.stacked_weights(pairs)  # (M, D + 1)
+    weights = torch.cat(weights)  # (M, D + 1), after the players' steps
     for o in [opt.fusion] + opt.encoder:
         o.zero_grad(set_to_none=True)
     h.backward(grad_logits @ weights[:, :-1])
