@@ -146,14 +146,11 @@ def load_predictions(path: str | Path, k: int | None = None) -> TopK:
                 "and scores (an xmlgame predictions file) or a scipy sparse matrix "
                 f"({', '.join(sorted(_SPARSE_KEYS))})"
             )
-    if label_ids.ndim != 2 or label_ids.shape != scores.shape:
-        raise XmlgameError(
-            f"{path}: label_ids {label_ids.shape} and scores {scores.shape} must both be "
-            "(documents, k)"
-        )
-    if label_ids.size and not np.issubdtype(label_ids.dtype, np.integer):
-        raise XmlgameError(f"{path}: label_ids must be integers, not {label_ids.dtype}")
-    label_ids, scores = rank_rows(label_ids.astype(np.int64), scores.astype(np.float32))
+    try:
+        topk = TopK(label_ids, scores)  # checks shapes and dtypes
+    except XmlgameError as error:
+        raise XmlgameError(f"{path}: {error}") from None
+    label_ids, scores = rank_rows(topk.label_ids, topk.scores)
     if k is not None:
         label_ids, scores = label_ids[:, :k], scores[:, :k]
     return TopK(label_ids, scores)
