@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 
 from xmlgame.errors import XmlgameError
+from xmlgame.paths import write_json
 
 app = typer.Typer(
     help="Extreme multi-label text classification with a curiosity-driven cooperative game.",
@@ -217,7 +218,7 @@ def evaluate_command(
     )
     typer.echo(table)
     if json_out is not None:
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(json_out, results)
 
 
 @app.command()

@@ -64,3 +64,10 @@ def resolve_dataset(name_or_path: str | None) -> Path:
 def read_json(path: Path) -> dict:
     with open(path) as f:
         return json.load(f)
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON to a temporary file beside ``path``, then rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)

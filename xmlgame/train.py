@@ -45,6 +45,7 @@ from xmlgame.game import (
 from xmlgame.metrics import TopK, compute_metrics
 from xmlgame.model import XmlModel, dataset_fingerprint, label_prior
 from xmlgame.optim import RowAdam
+from xmlgame.paths import write_json
 from xmlgame.players import Pairs
 from xmlgame.shards import make_shards
 
@@ -582,7 +583,7 @@ class Trainer:
             "test": metrics,
             "test_predict_seconds": round(time.time() - start, 2),
         }
-        (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_json(self.run_dir / "metrics.json", results)
         return results
 
 
@@ -604,11 +605,11 @@ def train(dataset: PreparedDataset, config: TrainConfig, run_dir: Path, resume: 
             "status": "training",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        run_json.write_text(json.dumps(info, indent=2) + "\n")
+        write_json(run_json, info)
     started = time.time()
     results = Trainer(dataset, config, run_dir, resume=resume, progress=progress).run()
     info = json.loads(run_json.read_text())
     info.update(status="done", wall_seconds=round(time.time() - started, 1),
                 finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    run_json.write_text(json.dumps(info, indent=2) + "\n")
+    write_json(run_json, info)
     return results
