@@ -129,7 +129,10 @@ def test_resume_reproduces_an_uninterrupted_run(small_toy, tmp_path, monkeypatch
     assert len(read_log(resumed)) == (2 if where == "mid-epoch" else 3)
 
     results = train(small_toy, config, resumed, resume=True, progress=False)
-    assert results == {**expected, "test_predict_seconds": results["test_predict_seconds"]}
+    def untimed(r):
+        return {key: value for key, value in r.items() if not key.endswith("_seconds")}
+
+    assert untimed(results) == untimed(expected)
     a = load_file(str(straight / "model.safetensors"))
     b = load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys()

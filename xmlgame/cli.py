@@ -159,6 +159,30 @@ def train(
     negatives: int = typer.Option(
         2048, help="Sampled negative labels per batch when not all labels are candidates."
     ),
+    shortlist_k: int = typer.Option(
+        8, help="Hard negatives mined per training document from each label index, when "
+        "not all labels are candidates (0: sampled negatives only)."
+    ),
+    predict_shortlist: int = typer.Option(
+        100, help="Labels each index shortlists per document for prediction, when not all "
+        "labels are candidates (0: score every label)."
+    ),
+    shortlist_weight: float = typer.Option(
+        0.0, help="Weight in [0, 1] of the index's similarity in prediction scores."
+    ),
+    index_vectors: str = typer.Option(
+        "both", help="What the label index holds: centroids (mean document embedding), heads "
+        "(the players' weights), or both, their shortlists joined."
+    ),
+    index: str = typer.Option(
+        "auto", help="Label index: flat (exact), hnsw, ivf, or auto (flat up to 50,000 "
+        "labels, HNSW above)."
+    ),
+    hnsw_m: int = typer.Option(32, help="HNSW graph degree M."),
+    ef_construction: int | None = typer.Option(None, help="HNSW efConstruction."),
+    ef_search: int | None = typer.Option(None, help="HNSW efSearch."),
+    ivf_nlist: int = typer.Option(0, help="IVF lists (0: chosen from the label count)."),
+    nprobe: int | None = typer.Option(None, help="IVF lists searched per query."),
     seed: int = typer.Option(0, help="Seed of shards, splits, initialisation and batches."),
     out: Path | None = typer.Option(None, help="Run folder (default: $XMLGAME_HOME/runs/...)."),
     resume: Path | None = typer.Option(
@@ -184,6 +208,11 @@ def train(
             curiosity_targets=curiosity_targets,
             encoder=encoder, transformer=transformer, finetune=finetune, dim=dim,
             epochs=epochs, batch_size=batch_size, negatives=negatives, seed=seed,
+            shortlist_k=shortlist_k, predict_shortlist=predict_shortlist,
+            shortlist_weight=shortlist_weight, index_vectors=index_vectors, index=index,
+            hnsw_m=hnsw_m,
+            ef_construction=ef_construction, ef_search=ef_search, ivf_nlist=ivf_nlist,
+            nprobe=nprobe,
         )
         results, run_dir = runs.start_run(dataset, config, out=out, progress=progress)
     typer.echo(runs.format_results(results, run_dir))
@@ -244,16 +273,23 @@ def predict(
     """
     from xmlgame import runs
 
-    texts = runs.read_texts(text, input_file)
-    ranked, prediction, model = runs.predict_texts(run, texts, k)
+    model = runs.load_run(run, k)
+    parts = []
+    for texts, ranked, prediction in runs.predict_stream(
+        model, runs.iter_texts(text, input_file), k
+    ):
+        if out is not None:
+            parts.append(prediction)
+        if json_lines:
+            for t, labels in zip(texts, ranked):
+                record = {
+                    "text": t, "labels": [{"label": n, "score": round(s, 6)} for n, s in labels]
+                }
+                typer.echo(json.dumps(record, ensure_ascii=False))
+        else:
+            typer.echo(runs.format_ranked(texts, ranked))
     if out is not None:
-        runs.save_prediction_file(out, prediction, model)
-    if json_lines:
-        for t, labels in zip(texts, ranked):
-            record = {"text": t, "labels": [{"label": n, "score": round(s, 6)} for n, s in labels]}
-            typer.echo(json.dumps(record, ensure_ascii=False))
-    else:
-        typer.echo(runs.format_ranked(texts, ranked))
+        runs.save_prediction_file(out, runs.concatenate_predictions(parts, k), model)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@
     vocab.json/.idf.npy  the bag-of-words vocabulary (bag-of-words encoders)
     label_names.txt      the label names, so a run predicts without its dataset
     model.safetensors    the selected (best validation) weights
+    label_index.faiss    the label shortlist of those weights (+ .json), for label sets too
+    head_index.faiss     large to score every label: label centroids and/or the players'
+                         heads (see :mod:`xmlgame.mining`)
 
 Use :func:`load` and :meth:`XmlModel.predict`::
 
@@ -16,6 +19,7 @@ Use :func:`load` and :meth:`XmlModel.predict`::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -36,6 +40,7 @@ from xmlgame.encoders import (
     embedding_cache_key,
 )
 from xmlgame.errors import XmlgameError
+from xmlgame.mining import Shortlister
 from xmlgame.paths import home
 from xmlgame.players import Players
 from xmlgame.shards import Shards
@@ -69,6 +74,10 @@ class XmlModel(torch.nn.Module):
         self.encoder = DocumentEncoder(encoder_config, len(vocab) if vocab is not None else 0)
         self.players = Players(shards, self.encoder.dim, label_prior, sparse_players)
         self.label_names: Sequence[str] | None = None
+        # prediction through a label shortlist: used when one is set and shortlist_k > 0
+        self.shortlister: Shortlister | None = None
+        self.shortlist_k = 0  # labels shortlisted per document by each index
+        self.shortlist_weight = 0.0  # weight of the shortlist's similarity in the final score
 
     @property
     def n_labels(self) -> int:
@@ -125,39 +134,71 @@ class XmlModel(torch.nn.Module):
 
     # prediction
 
+    @property
+    def shortlisting(self) -> bool:
+        """Whether prediction scores a per-document shortlist rather than every label."""
+        return self.shortlister is not None and self.shortlist_k > 0
+
     @torch.no_grad()
     def predict_features(
         self, features: SplitFeatures, k: int = 10, batch_size: int = 512,
         label_block: int = 65_536, progress: bool = False,
     ) -> Prediction:
-        """Top-k fused labels for featurized documents, scoring labels in blocks."""
+        """Top-k fused labels for featurized documents.
+
+        With a shortlist (:attr:`shortlisting`), each document's ``shortlist_k`` nearest labels
+        in each label index are scored; otherwise every label is, in blocks of
+        ``label_block``.
+        """
         from tqdm.auto import tqdm
 
         self.eval()
         n = len(features)
-        k_eff = min(k, self.n_labels)
         ids = np.full((n, k), -1, dtype=np.int64)
         scores = np.zeros((n, k), dtype=np.float32)
-        blocks = [
-            self.players.pairs(torch.arange(s, min(s + label_block, self.n_labels)))
-            for s in range(0, self.n_labels, label_block)
-        ]
+        if self.shortlisting:
+            batch_size = min(batch_size, 256)  # B x K weight rows are gathered per batch
+            score_batch = self._shortlist_batch
+        else:
+            blocks = [
+                self.players.pairs(torch.arange(s, min(s + label_block, self.n_labels)))
+                for s in range(0, self.n_labels, label_block)
+            ]
+            score_batch = functools.partial(self._exhaustive_batch, blocks=blocks)
         starts = range(0, n, batch_size)
         for start in tqdm(starts, desc="predicting", unit="batch", disable=not progress):
             rows = np.arange(start, min(start + batch_size, n))
             h = self.encoder(batch_inputs(self.encoder, features, rows))
-            best_s = h.new_full((len(rows), 0), -1.0)
-            best_i = torch.zeros((len(rows), 0), dtype=torch.long)
-            for pairs in blocks:
-                probs = self.players.predict_proba(h, pairs)  # (B, C)
-                s, i = torch.topk(probs, min(k_eff, probs.shape[1]), dim=1)
-                best_s = torch.cat([best_s, s], dim=1)
-                best_i = torch.cat([best_i, pairs.labels[i]], dim=1)
-                best_s, order = torch.topk(best_s, min(k_eff, best_s.shape[1]), dim=1)
-                best_i = torch.gather(best_i, 1, order)
-            ids[rows, :k_eff] = best_i.numpy()
-            scores[rows, :k_eff] = best_s.numpy()
+            best_i, best_s = score_batch(h, k)
+            ids[rows, : best_i.shape[1]] = best_i.numpy()
+            scores[rows, : best_s.shape[1]] = best_s.numpy()
         return Prediction(ids, scores)
+
+    def _exhaustive_batch(self, h: torch.Tensor, k: int, blocks) -> tuple:
+        k_eff = min(k, self.n_labels)
+        best_s = h.new_full((h.shape[0], 0), -1.0)
+        best_i = torch.zeros((h.shape[0], 0), dtype=torch.long)
+        for pairs in blocks:
+            probs = self.players.predict_proba(h, pairs)  # (B, C)
+            s, i = torch.topk(probs, min(k_eff, probs.shape[1]), dim=1)
+            best_s = torch.cat([best_s, s], dim=1)
+            best_i = torch.cat([best_i, pairs.labels[i]], dim=1)
+            best_s, order = torch.topk(best_s, min(k_eff, best_s.shape[1]), dim=1)
+            best_i = torch.gather(best_i, 1, order)
+        return best_i, best_s
+
+    def _shortlist_batch(self, h: torch.Tensor, k: int) -> tuple:
+        labels = torch.from_numpy(self.shortlister.search(h, max(self.shortlist_k, k)))
+        score = self.players.predict_proba_each(h, labels)  # (B, K), -1 on empty slots
+        if self.shortlist_weight > 0:
+            w = self.shortlist_weight
+            similarity = self.shortlister.centroid_similarity(h, labels).clamp(min=0)
+            score = torch.where(labels >= 0, (1 - w) * score + w * similarity, score)
+        best_s, order = torch.topk(score, min(k, score.shape[1]), dim=1)
+        best_i = torch.gather(labels, 1, order)
+        best_i[best_s < 0] = -1  # empty slots when fewer labels exist than k
+        best_s = best_s.clamp(min=0)
+        return best_i, best_s
 
     def predict(self, texts: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
         """The top-k (label name, probability) pairs of each text."""
@@ -183,6 +224,10 @@ class XmlModel(torch.nn.Module):
             for name in label_names:
                 f.write(name.replace("\n", " ") + "\n")
         tmp.replace(run_dir / "label_names.txt")
+
+    def save_shortlister(self, run_dir: Path) -> None:
+        if self.shortlister is not None:
+            self.shortlister.save(run_dir)
 
     def frozen_prefix(self) -> str | None:
         """State-dict prefix of weights loaded from the transformer's folder, not trained."""
@@ -234,6 +279,10 @@ def load(run_dir: str | Path, weights: str = "model.safetensors") -> XmlModel:
         vocab = TfidfVocabulary.load(run_dir / "vocab")
     model = XmlModel(encoder_config, Shards.load(run_dir / "shards.npz"), vocab)
     model.load_weights(run_dir / weights)
+    model.shortlister = Shortlister.load(run_dir)
+    if model.shortlister is not None:
+        model.shortlist_k = run["config"].get("predict_shortlist", 0)
+        model.shortlist_weight = run["config"].get("shortlist_weight", 0.0)
     names_path = run_dir / "label_names.txt"
     model.label_names = names_path.read_text(encoding="utf-8").split("\n")[:-1]
     model.run = run

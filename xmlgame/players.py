@@ -139,3 +139,25 @@ class Players(nn.Module):
     def predict_proba(self, h: torch.Tensor, pairs: Pairs) -> torch.Tensor:
         """Fused probabilities (B, C) for candidate labels."""
         return self.fuse(torch.sigmoid(self.logits(h, pairs)), pairs)
+
+    @torch.no_grad()
+    def predict_proba_each(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Fused probabilities (B, K) of each document's own K labels (a shortlist).
+
+        ``labels`` is int64 (B, K), -1 for an empty slot (scored -1). Only the owners' rows of
+        the listed labels are read, so the cost is B x K rows whatever the label count.
+        """
+        valid = labels >= 0
+        safe = labels.clamp(min=0)
+        owners = self.owner_player[safe]  # (B, K, 2)
+        rows = self.owner_row[safe]
+        logits = h.new_zeros(owners.shape)
+        for player, table in enumerate(self.tables):
+            doc, slot, position = torch.nonzero(owners == player, as_tuple=True)
+            if doc.numel() == 0:
+                continue
+            w = table.weight[rows[doc, slot, position]]  # (n, D + 1)
+            logits[doc, slot, position] = torch.einsum("nd,nd->n", h[doc], w[:, :-1]) + w[:, -1]
+        fusion = self.fusion.weight[safe].masked_fill(owners < 0, float("-inf")).softmax(-1)
+        fused = (torch.sigmoid(logits) * fusion).sum(-1)
+        return fused.masked_fill(~valid, -1.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from xmlgame.dataset import load_dataset
@@ -17,6 +17,7 @@ from xmlgame.encoders import EncoderConfig
 from xmlgame.errors import XmlgameError
 from xmlgame.game import GameConfig
 from xmlgame.paths import datasets_dir, latest, resolve_dataset, runs_dir
+from xmlgame.shortlist import IndexConfig
 from xmlgame.train import TrainConfig, train
 
 logger = logging.getLogger(__name__)
@@ -28,9 +29,18 @@ def make_config(
     *, players: int, overlap: float, alpha: float, beta: float, schedule: str,
     curiosity_targets: str, encoder: str,
     transformer: str | None, finetune: bool, dim: int, epochs: int, batch_size: int,
-    negatives: int, seed: int,
+    negatives: int, seed: int, shortlist_k: int = 8, predict_shortlist: int = 100,
+    shortlist_weight: float = 0.0, index_vectors: str = "both", index: str = "auto",
+    hnsw_m: int = 32,
+    ef_construction: int | None = None, ef_search: int | None = None, ivf_nlist: int = 0,
+    nprobe: int | None = None,
 ) -> TrainConfig:
-    """A validated TrainConfig from command-line values."""
+    """A validated TrainConfig from command-line values (None: the default)."""
+    index_settings = {"kind": index, "hnsw_m": hnsw_m, "ivf_nlist": ivf_nlist}
+    for name, value in (("ef_construction", ef_construction), ("ef_search", ef_search),
+                        ("ivf_nprobe", nprobe)):
+        if value is not None:
+            index_settings[name] = value
     return TrainConfig(
         encoder=EncoderConfig(
             kind=encoder, dim=dim, transformer=transformer or "", finetune=finetune
@@ -39,7 +49,10 @@ def make_config(
             alpha=alpha, beta=beta, schedule=schedule, curiosity_targets=curiosity_targets
         ),
         players=players, overlap=overlap, epochs=epochs, batch_size=batch_size,
-        negatives=negatives, seed=seed,
+        negatives=negatives, seed=seed, shortlist_k=shortlist_k,
+        predict_shortlist=predict_shortlist, shortlist_weight=shortlist_weight,
+        index_vectors=index_vectors,
+        index=IndexConfig(seed=seed, **index_settings),
     )
 
 
@@ -119,47 +132,92 @@ def format_results(results: dict, run_dir: Path) -> str:
 # prediction
 
 
-def read_texts(texts: Sequence[str] | None, input_file: Path | None) -> list[str]:
-    """Texts from the command line, or from a file: plain lines or JSON lines with 'text'."""
+def iter_texts(texts: Sequence[str] | None, input_file: Path | None) -> Iterator[str]:
+    """Texts from the command line, or streamed from a file: plain lines or JSON lines with
+    'text'. Arguments are checked before the first text is yielded."""
     if texts and input_file is not None:
         raise XmlgameError("give texts as arguments or with --input, not both")
     if input_file is None:
         if not texts:
             raise XmlgameError('give a text to label, e.g. xmlgame predict RUN "some text"')
-        return list(texts)
+        return iter(list(texts))
     if not input_file.exists():
         raise XmlgameError(f"{input_file}: no such file")
-    out = []
+    return _file_texts(input_file)
+
+
+def _file_texts(input_file: Path) -> Iterator[str]:
     with open(input_file, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
             if line.lstrip().startswith("{"):
                 try:
                     record = json.loads(line)
-                    out.append(str(record["text"]))
+                    yield str(record["text"])
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise XmlgameError(
                         f"{input_file}, line {number}: expected a JSON object with a 'text' field"
                     ) from None
             else:
-                out.append(line)
-    return out
+                yield line
+
+
+def read_texts(texts: Sequence[str] | None, input_file: Path | None) -> list[str]:
+    """All of :func:`iter_texts` as a list."""
+    return list(iter_texts(texts, input_file))
+
+
+def ranked_labels(model, prediction) -> list[list[tuple[str, float]]]:
+    names = model.label_names
+    return [
+        [(names[i], float(s)) for i, s in zip(ids, scores) if i >= 0]
+        for ids, scores in zip(prediction.label_ids, prediction.scores)
+    ]
 
 
 def predict_texts(run: str | Path, texts: list[str], k: int):
     """(ranked (name, score) lists, the raw Prediction, the model) for some texts."""
+    model = load_run(run, k)
+    prediction = model.predict_features(model.featurize(texts, progress=False), k=k)
+    return ranked_labels(model, prediction), prediction, model
+
+
+def load_run(run: str | Path, k: int):
     from xmlgame.model import load
 
     if k < 1:
         raise XmlgameError(f"-k must be at least 1, got {k}")
-    model = load(resolve_run(run))
+    return load(resolve_run(run))
+
+
+def predict_stream(model, texts: Iterable[str], k: int, chunk: int = 4096):
+    """Predict texts in chunks, yielding (texts, ranked lists, Prediction) per chunk, so that
+    a large input never sits in memory featurized all at once."""
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == chunk:
+            yield batch, *_predict_chunk(model, batch, k)
+            batch = []
+    if batch:
+        yield batch, *_predict_chunk(model, batch, k)
+
+
+def _predict_chunk(model, texts: list[str], k: int):
     prediction = model.predict_features(model.featurize(texts, progress=False), k=k)
-    names = model.label_names
-    ranked = [
-        [(names[i], float(s)) for i, s in zip(ids, scores) if i >= 0]
-        for ids, scores in zip(prediction.label_ids, prediction.scores)
-    ]
-    return ranked, prediction, model
+    return ranked_labels(model, prediction), prediction
+
+
+def concatenate_predictions(parts: list, k: int):
+    """One Prediction from the chunks of :func:`predict_stream`, in order."""
+    import numpy as np
+
+    from xmlgame.model import Prediction
+
+    if not parts:
+        return Prediction(np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32))
+    return Prediction(np.concatenate([p.label_ids for p in parts]),
+                      np.concatenate([p.scores for p in parts]))
 
 
 def save_prediction_file(path: Path, prediction, model) -> None:

@@ -43,11 +43,13 @@ from xmlgame.game import (
     payoffs,
 )
 from xmlgame.metrics import TopK, compute_metrics
+from xmlgame.mining import VECTORS, Shortlister
 from xmlgame.model import XmlModel, dataset_fingerprint, label_prior
 from xmlgame.optim import RowAdam
 from xmlgame.paths import write_json
 from xmlgame.players import Pairs
 from xmlgame.shards import make_shards
+from xmlgame.shortlist import IndexConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,12 @@ class TrainConfig:
     lr_transformer: float = 3e-5
     full_candidates_max: int = 4096  # score every label when L is at most this
     negatives: int = 2048  # sampled negatives per batch beyond that
+    # beyond full_candidates_max, the label index (see xmlgame.mining) shortlists labels:
+    shortlist_k: int = 8  # hard negatives mined per document from each index (0: none)
+    predict_shortlist: int = 100  # labels scored per document at prediction (0: every label)
+    shortlist_weight: float = 0.0  # weight of the centroid similarity in prediction scores
+    index_vectors: str = "both"  # label centroids, the players' heads, or both (see mining)
+    index: IndexConfig = field(default_factory=IndexConfig)
     val_fraction: float = 0.05
     val_max: int = 5_000
     patience: int = 2
@@ -84,6 +92,21 @@ class TrainConfig:
             self.encoder = EncoderConfig(**self.encoder)
         if isinstance(self.game, dict):
             self.game = GameConfig(**self.game)
+        if isinstance(self.index, dict):
+            self.index = IndexConfig(**self.index)
+        if self.shortlist_k < 0 or self.predict_shortlist < 0 or self.negatives < 0:
+            raise XmlgameError(
+                "--shortlist-k, --predict-shortlist and --negatives must be >= 0, got "
+                f"{self.shortlist_k}, {self.predict_shortlist} and {self.negatives}"
+            )
+        if self.index_vectors not in VECTORS:
+            raise XmlgameError(
+                f"--index-vectors {self.index_vectors!r}: choose one of {', '.join(VECTORS)}"
+            )
+        if not 0.0 <= self.shortlist_weight <= 1.0:
+            raise XmlgameError(
+                f"--shortlist-weight must be between 0 and 1, got {self.shortlist_weight}"
+            )
         if self.players < 1:
             raise XmlgameError(f"--players must be at least 1, got {self.players}")
         if not 0.0 <= self.overlap <= 1.0:
@@ -163,9 +186,13 @@ def featurize_dataset(model: XmlModel, dataset: PreparedDataset, config: TrainCo
 
 
 class Candidates:
-    """The candidate labels of each batch: all labels, or positives plus sampled negatives.
+    """The candidate labels of each batch.
 
-    The FAISS shortlister will provide mined hard negatives through the same ``select`` call.
+    Every label when there are at most ``full_candidates_max``; otherwise the union over the
+    batch's documents of their positives, their mined hard negatives (``hard``: the top
+    ``shortlist_k`` labels of each training document in the label index, set by each refresh),
+    and ``negatives`` labels sampled uniformly. A document thus also meets the other documents'
+    hard negatives, at no extra cost, as every candidate is scored for the whole batch.
     """
 
     def __init__(self, players, n_labels: int, config: TrainConfig):
@@ -174,14 +201,25 @@ class Candidates:
         self.negatives = config.negatives
         self.all_pairs: Pairs | None = players.pairs(torch.arange(n_labels)) if self.full else None
         self.players = players
+        self.mine_k = 0 if self.full else config.shortlist_k
+        self.hard: np.ndarray | None = None  # int32 (n_train, mine_k), set by each refresh
 
-    def select(self, Y_batch: sp.csr_matrix, rng: np.random.Generator):  # noqa: N803
-        """(pairs, dense targets (B, C)) for a batch's label rows."""
+    def describe(self) -> str:
+        if self.full:
+            return "all labels"
+        mined = f"{self.mine_k} mined per document + " if self.mine_k else ""
+        return f"positives + {mined}{self.negatives} sampled"
+
+    def select(self, Y_batch: sp.csr_matrix, rng: np.random.Generator,  # noqa: N803
+               rows: np.ndarray | None = None):
+        """(pairs, dense targets (B, C)) for a batch: its label rows and training row ids."""
         if self.full:
             return self.all_pairs, torch.from_numpy(Y_batch.toarray())
-        positives = np.unique(Y_batch.indices)
-        sampled = rng.integers(0, self.n_labels, size=self.negatives)
-        labels = np.union1d(positives, sampled)
+        parts = [Y_batch.indices, rng.integers(0, self.n_labels, size=self.negatives)]
+        if self.hard is not None and rows is not None:
+            mined = self.hard[rows].ravel()
+            parts.append(mined[mined >= 0])
+        labels = np.unique(np.concatenate(parts))
         columns = np.searchsorted(labels, Y_batch.indices)
         targets = sp.csr_matrix(
             (Y_batch.data, columns, Y_batch.indptr), shape=(Y_batch.shape[0], len(labels))
@@ -425,16 +463,28 @@ class Trainer:
     def setup(self) -> None:
         config, dataset = self.config, self.dataset
         torch.manual_seed(config.seed)
+        start = time.time()
         vocab = build_vocabulary(dataset, config.encoder)
+        self.timings = {"vocabulary_seconds": round(time.time() - start, 2)}
         shards = make_shards(dataset.n_labels, config.players, config.overlap, config.seed)
         n_train = dataset.meta["counts"]["train_docs"]
         prior = label_prior(dataset.train_counts, n_train)
         full = dataset.n_labels <= config.full_candidates_max
         self.model = XmlModel(config.encoder, shards, vocab, prior, sparse_players=not full)
+        start = time.time()
         self.data = featurize_dataset(self.model, dataset, config)
+        self.timings["featurize_seconds"] = round(time.time() - start, 2)
         self.n_train = self.data.Y_train.shape[0]
         self.rarity = torch.from_numpy(1.0 / (1.0 + self.data.train_counts)).float()
         self.candidates = Candidates(self.model.players, dataset.n_labels, config)
+        # past full_candidates_max, a label index shortlists negatives and predictions
+        self.mine_k = self.candidates.mine_k
+        self.shortlisting = not self.candidates.full and (
+            self.mine_k > 0 or config.predict_shortlist > 0
+        )
+        if self.shortlisting:
+            self.model.shortlist_k = config.predict_shortlist
+            self.model.shortlist_weight = config.shortlist_weight
         self.opt = Optimizers(self.model, config)
         self.model.save_static(self.run_dir, list(dataset.label_names))
 
@@ -449,7 +499,7 @@ class Trainer:
             f", vocabulary {len(self.model.vocab):,}" if self.model.vocab is not None else "",
             c.players, c.overlap, c.game.alpha, c.game.beta, c.game.schedule,
             -(-self.n_train // c.batch_size), c.batch_size,
-            "all labels" if self.candidates.full else f"positives + {c.negatives} sampled",
+            self.candidates.describe(),
             c.epochs,
         )
 
@@ -466,7 +516,7 @@ class Trainer:
         start = time.time()
         for n_batches, first in enumerate(bar, start=1):
             rows = order[first : first + config.batch_size]
-            pairs, targets = self.candidates.select(data.Y_train[rows], rng)
+            pairs, targets = self.candidates.select(data.Y_train[rows], rng, rows)
             inputs = batch_inputs(model.encoder, data.train, rows)
             measure = (n_batches - 1) % config.measure_every == 0
             result = train_step(model, self.opt, inputs, pairs, targets,
@@ -490,6 +540,23 @@ class Trainer:
             "docs_per_second": round(self.n_train / seconds, 1),
         }
 
+    def refresh_shortlist(self) -> dict:
+        """Rebuild the label index from the current encoder and mine new hard negatives."""
+        from xmlgame.mining import refresh
+
+        done = refresh(
+            self.model, self.data.train, self.data.Y_train, self.config.index, self.mine_k,
+            label_names=self.dataset.label_names, vectors=self.config.index_vectors,
+            progress=self.progress,
+        )
+        self.model.shortlister = done.shortlister
+        self.candidates.hard = done.hard_negatives
+        entry = done.log_entry()
+        self.log("shortlist refreshed: %s, %s", done.shortlister.kind, ", ".join(
+            f"{stage} {s:.1f}s" for stage, s in done.seconds.items()
+        ))
+        return entry
+
     def validate(self) -> dict:
         d = self.data
         _, metrics = evaluate_split(self.model, d.val, d.Y_val, d.train_counts, self.n_train,
@@ -507,6 +574,10 @@ class Trainer:
         self.model.save_weights(tmp / "model.safetensors")
         torch.save({"optimizers": self.opt.state_dict(), "torch_rng": torch.get_rng_state()},
                    tmp / "optim.pt")
+        if self.model.shortlister is not None:  # HNSW builds are not bit-reproducible
+            self.model.shortlister.save(tmp)
+        if self.candidates.hard is not None:
+            np.save(tmp / "hard_negatives.npy", self.candidates.hard)
         (tmp / "state.json").write_text(json.dumps(state))
         if folder.exists():
             old = self.run_dir / "checkpoint.old"
@@ -526,6 +597,9 @@ class Trainer:
         saved = torch.load(folder / "optim.pt", weights_only=False)
         self.opt.load_state_dict(saved["optimizers"])
         torch.set_rng_state(saved["torch_rng"])
+        self.model.shortlister = Shortlister.load(folder)
+        if (folder / "hard_negatives.npy").exists():
+            self.candidates.hard = np.load(folder / "hard_negatives.npy")
         return json.loads((folder / "state.json").read_text())
 
     def run(self) -> dict:
@@ -539,10 +613,16 @@ class Trainer:
             kept = log_path.read_text().splitlines()[: state["epoch"]] if log_path.exists() else []
             log_path.write_text("".join(line + "\n" for line in kept))
             self.log("resuming after epoch %d", state["epoch"])
+        initial = {}
+        if self.shortlisting and not self.resume:
+            initial = {"initial_" + k: v for k, v in self.refresh_shortlist().items()}
         for epoch in range(state["epoch"], config.epochs):
             if state["bad_epochs"] > config.patience:
                 break
             entry = self.run_epoch(epoch)
+            if self.shortlisting:
+                entry.update(initial if epoch == 0 else {})
+                entry.update(self.refresh_shortlist())
             entry.update(self.validate())
             entry["peak_rss_mb"] = round(peak_rss_mb(), 1)
             score = selection_score(entry["val"], config.select_metric)
@@ -550,6 +630,7 @@ class Trainer:
             if improved:
                 state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
                 self.model.save_weights(self.run_dir / "model.safetensors")
+                self.model.save_shortlister(self.run_dir)
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch + 1
@@ -569,6 +650,8 @@ class Trainer:
         from xmlgame.predictions import save_predictions
 
         self.model.load_weights(self.run_dir / "model.safetensors")
+        if self.shortlisting:
+            self.model.shortlister = Shortlister.load(self.run_dir)
         d = self.data
         start = time.time()
         prediction, metrics = evaluate_split(
@@ -582,6 +665,7 @@ class Trainer:
             "epochs_run": state["epoch"],
             "test": metrics,
             "test_predict_seconds": round(time.time() - start, 2),
+            **self.timings,
         }
         write_json(self.run_dir / "metrics.json", results)
         return results
