@@ -44,7 +44,7 @@ def shortlisted(tmp_path_factory):
     root = tmp_path_factory.mktemp("mining")
     dataset = write_toy(root / "toy")
     run_dir = root / "run"
-    results = train(dataset, shortlist_config(), run_dir, progress=False)
+    results = train(dataset, shortlist_config(patience=100), run_dir, progress=False)
     return dataset, run_dir, results
 
 
@@ -54,11 +54,13 @@ def test_a_run_on_mined_negatives_learns_and_saves_its_index(shortlisted):
     for name in ("label_index", "head_index"):
         assert (run_dir / f"{name}.faiss").exists() and (run_dir / f"{name}.json").exists()
     log = read_log(run_dir)
-    assert log[0]["initial_index"] == "centroids (flat)+heads (flat)"
+    assert log[0]["initial_index"] == "centroids (flat)"  # untrained heads would rank by prior
+    assert "initial_refresh_mine_seconds" in log[0]
     for entry in log:
         assert entry["index"] == "centroids (flat)+heads (flat)"
-        assert {"refresh_encode_seconds", "refresh_build_seconds", "refresh_mine_seconds"} <= \
-            entry.keys()
+        assert {"refresh_encode_seconds", "refresh_build_seconds"} <= entry.keys()
+    assert all("refresh_mine_seconds" in entry for entry in log[:-1])
+    assert len(log) == 8 and "refresh_mine_seconds" not in log[-1]  # none after the last
     model = load(run_dir)
     assert model.shortlisting and model.shortlist_k == 4
 

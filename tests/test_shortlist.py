@@ -133,9 +133,9 @@ def test_recall_at_k_ignores_missing_ids():
 # files
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
 def test_save_then_load_searches_the_same(tmp_path, labels, queries, kind):
-    index = LabelIndex.build(labels, IndexConfig(kind=kind, ef_search=40))
+    index = LabelIndex.build(labels, IndexConfig(kind=kind, ef_search=40, ivf_nprobe=3))
     path = tmp_path / "run" / "labels.faiss"
     index.save(path)
     assert path.is_file() and path.with_suffix(".json").is_file()

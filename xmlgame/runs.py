@@ -178,7 +178,10 @@ def ranked_labels(model, prediction) -> list[list[tuple[str, float]]]:
 def predict_texts(run: str | Path, texts: list[str], k: int):
     """(ranked (name, score) lists, the raw Prediction, the model) for some texts."""
     model = load_run(run, k)
-    prediction = model.predict_features(model.featurize(texts, progress=False), k=k)
+    from xmlgame.model import few_threads
+
+    with few_threads(len(texts)):
+        prediction = model.predict_features(model.featurize(texts, progress=False), k=k)
     return ranked_labels(model, prediction), prediction, model
 
 
@@ -204,7 +207,10 @@ def predict_stream(model, texts: Iterable[str], k: int, chunk: int = 4096):
 
 
 def _predict_chunk(model, texts: list[str], k: int):
-    prediction = model.predict_features(model.featurize(texts, progress=False), k=k)
+    from xmlgame.model import few_threads
+
+    with few_threads(len(texts)):
+        prediction = model.predict_features(model.featurize(texts, progress=False), k=k)
     return ranked_labels(model, prediction), prediction
 
 

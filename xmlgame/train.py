@@ -540,13 +540,20 @@ class Trainer:
             "docs_per_second": round(self.n_train / seconds, 1),
         }
 
-    def refresh_shortlist(self) -> dict:
-        """Rebuild the label index from the current encoder and mine new hard negatives."""
+    def refresh_shortlist(self, initial: bool = False, last: bool = False) -> dict:
+        """Rebuild the label indexes from the current model and mine new hard negatives.
+
+        Before the first epoch the players are untrained, so their head index would only rank
+        labels by prior: the first negatives come from the centroid index alone when both are
+        configured. After the last epoch nothing is left to mine for.
+        """
         from xmlgame.mining import refresh
 
+        vectors = self.config.index_vectors
         done = refresh(
-            self.model, self.data.train, self.data.Y_train, self.config.index, self.mine_k,
-            label_names=self.dataset.label_names, vectors=self.config.index_vectors,
+            self.model, self.data.train, self.data.Y_train, self.config.index,
+            0 if last else self.mine_k, label_names=self.dataset.label_names,
+            vectors="centroids" if initial and vectors == "both" else vectors,
             progress=self.progress,
         )
         self.model.shortlister = done.shortlister
@@ -615,14 +622,15 @@ class Trainer:
             self.log("resuming after epoch %d", state["epoch"])
         initial = {}
         if self.shortlisting and not self.resume:
-            initial = {"initial_" + k: v for k, v in self.refresh_shortlist().items()}
+            initial = {"initial_" + k: v
+                       for k, v in self.refresh_shortlist(initial=True).items()}
         for epoch in range(state["epoch"], config.epochs):
             if state["bad_epochs"] > config.patience:
                 break
             entry = self.run_epoch(epoch)
             if self.shortlisting:
                 entry.update(initial if epoch == 0 else {})
-                entry.update(self.refresh_shortlist())
+                entry.update(self.refresh_shortlist(last=epoch + 1 == config.epochs))
             entry.update(self.validate())
             entry["peak_rss_mb"] = round(peak_rss_mb(), 1)
             score = selection_score(entry["val"], config.select_metric)
