@@ -230,11 +230,18 @@ def main() -> int:
     parser.add_argument("--recall-docs", type=int, default=1000)
     parser.add_argument("--exact-docs", type=int, default=5000)
     parser.add_argument("--child", nargs=3, metavar=("RUN", "DATASET", "OUT"))
+    parser.add_argument(
+        "--redo-predict", action="store_true",
+        help="Run stage 3 again on the run of the last full benchmark (its scale.json in "
+        "--out), e.g. when the machine was busy while it was measured.",
+    )
     args = parser.parse_args()
     if args.child:
         run_dir, dataset, out = map(Path, args.child)
         child(run_dir, dataset, out, args.latency_docs, args.recall_docs, args.exact_docs)
         return 0
+    if args.redo_predict:
+        return redo_predict(args)
 
     shape = {k: max(1, int(round(v * args.scale))) for k, v in SHAPE.items()}
     work = args.work.resolve()
@@ -266,12 +273,7 @@ def main() -> int:
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
     print("3/3 predict", flush=True)
-    child_out = work / "predict.json"
-    stages["predict"] = run_child(
-        [sys.executable, __file__, "--child", str(run_dir), str(dataset), str(child_out),
-         "--latency-docs", str(args.latency_docs), "--recall-docs", str(args.recall_docs),
-         "--exact-docs", str(args.exact_docs)], env, work / "predict.log")
-    predicted = json.loads(child_out.read_text())
+    stages["predict"], predicted = predict_stage(run_dir, dataset, work, env, args)
 
     import numpy as np
     import scipy.sparse as sp
@@ -293,9 +295,33 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(),
         "machine": platform.machine(), "shape": shape, "stages": stages,
         "train_log": log, "train_metrics": metrics, "predict": predicted, "memory": memory,
-        "config": run["config"],
+        "config": run["config"], "dataset": str(dataset),
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(results, indent=1))
+    (args.out / "scale.md").write_text(report(results))
+    print(report(results))
+    return 0
+
+
+def predict_stage(run_dir: Path, dataset: Path, work: Path, env: dict, args) -> tuple:
+    child_out = work / "predict.json"
+    stage = run_child(
+        [sys.executable, __file__, "--child", str(run_dir), str(dataset), str(child_out),
+         "--latency-docs", str(args.latency_docs), "--recall-docs", str(args.recall_docs),
+         "--exact-docs", str(args.exact_docs)], env, work / "predict.log")
+    return stage, json.loads(child_out.read_text())
+
+
+def redo_predict(args) -> int:
+    results = json.loads((args.out / "scale.json").read_text())
+    work = args.work.resolve()
+    env = {**os.environ, "XMLGAME_HOME": str(work / "home")}
+    print("3/3 predict (again)", flush=True)
+    results["stages"]["predict"], results["predict"] = predict_stage(
+        work / "run", Path(results.get("dataset") or next(
+            (work / "home" / "datasets").glob("synthetic-*"))), work, env, args)
+    results["predict_date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     (args.out / "scale.json").write_text(json.dumps(results, indent=1))
     (args.out / "scale.md").write_text(report(results))
     print(report(results))
@@ -309,7 +335,9 @@ def report(r: dict) -> str:
     lines = [
         "# Amazon-670K scale on one machine",
         "",
-        f"{r['date']}, {r['cpus']} CPUs. Made by `python benchmarks/scale.py`. Synthetic set of "
+        f"{r['date']}, {r['cpus']} CPUs. Made by `python benchmarks/scale.py`"
+        + (f" (stage 3 again at {r['predict_date']}, `--redo-predict`)" if "predict_date" in r
+           else "") + ". Synthetic set of "
         f"{shape['labels']:,} labels, {shape['train_docs']:,} training and "
         f"{shape['test_docs']:,} test documents (text); bag-of-words encoder (D = "
         f"{r['config']['encoder']['dim']}), N = {r['config']['players']}, rho = "
