@@ -29,8 +29,11 @@ def make_config(
     curiosity_targets: str, encoder: str,
     transformer: str | None, finetune: bool, dim: int, epochs: int, batch_size: int,
     negatives: int, seed: int,
+    label_parallel: bool | None = None, grad_accum: int | None = None,
+    mixed_precision: str | None = None,
 ) -> TrainConfig:
-    """A validated TrainConfig from command-line values."""
+    """A validated TrainConfig from command-line values (None: the default)."""
+    execution = execution_options(label_parallel, grad_accum, mixed_precision)
     return TrainConfig(
         encoder=EncoderConfig(
             kind=encoder, dim=dim, transformer=transformer or "", finetune=finetune
@@ -39,8 +42,16 @@ def make_config(
             alpha=alpha, beta=beta, schedule=schedule, curiosity_targets=curiosity_targets
         ),
         players=players, overlap=overlap, epochs=epochs, batch_size=batch_size,
-        negatives=negatives, seed=seed,
+        negatives=negatives, seed=seed, **execution,
     )
+
+
+def execution_options(label_parallel: bool | None = None, grad_accum: int | None = None,
+                      mixed_precision: str | None = None) -> dict:
+    """The execution options given (not None), as TrainConfig fields."""
+    given = {"label_parallel": label_parallel, "grad_accum": grad_accum,
+             "mixed_precision": mixed_precision}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def default_dataset() -> Path:
@@ -66,17 +77,30 @@ def new_run_dir(dataset_name: str, config: TrainConfig) -> Path:
 
 def start_run(dataset: str | None, config: TrainConfig, out: Path | None = None,
               progress: bool = True) -> tuple[dict, Path]:
-    path = default_dataset() if dataset is None else resolve_dataset(dataset)
+    """Train a new run. Under a launcher the main process picks the dataset (preparing the
+    bundled one if need be) and the run folder (named from the clock), and tells the others."""
+    from xmlgame.distributed import Communicator
+
+    comm = Communicator.current()
+    path = comm.on_main(lambda: default_dataset() if dataset is None else resolve_dataset(dataset))
     data = load_dataset(path)
-    run_dir = out if out is not None else new_run_dir(data.name, config)
+    run_dir = comm.on_main(lambda: check_new_run_dir(
+        out if out is not None else new_run_dir(data.name, config)
+    ))
+    return train(data, config, run_dir, progress=progress), run_dir
+
+
+def check_new_run_dir(run_dir: Path) -> Path:
     if (run_dir / "run.json").exists():
         raise XmlgameError(
             f"{run_dir} already holds a run; choose another --out or resume it with --resume"
         )
-    return train(data, config, run_dir, progress=progress), run_dir
+    return run_dir
 
 
-def resume_run(run_dir: Path, progress: bool = True) -> tuple[dict, Path]:
+def resume_run(run_dir: Path, progress: bool = True, **execution) -> tuple[dict, Path]:
+    """Resume a run from its last finished epoch; ``execution`` options (see
+    :func:`execution_options`) replace the saved ones."""
     run_dir = resolve_run(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     data = load_dataset(info["dataset"]["path"])
@@ -85,7 +109,7 @@ def resume_run(run_dir: Path, progress: bool = True) -> tuple[dict, Path]:
             f"the dataset at {data.path} changed since {run_dir} started (checksum differs); "
             "start a new run instead of resuming"
         )
-    config = TrainConfig(**info["config"])
+    config = TrainConfig(**{**info["config"], **execution_options(**execution)})
     return train(data, config, run_dir, resume=True, progress=progress), run_dir
 
 
