@@ -134,16 +134,20 @@ def main() -> None:
     label = replace(config, label_parallel=True, grad_accum=2)
     results["label_parallel"] = train(dataset, label, out / "label-parallel", progress=False)
 
-    # a one-process run, interrupted after its second epoch, resumed here
+    # a one-process run, interrupted after its second epoch, resumed here in both modes
     results["resumed"] = train(dataset, config, Path(spec["interrupted"]), resume=True,
                                progress=False)
-    # a run interrupted here, for the test to resume in one process
-    undo = interrupt_after(2)
-    try:
-        train(dataset, config, out / "interrupted", progress=False)
-    except Interrupted:
-        results["interrupted_here"] = True
-    undo()
+    results["resumed_label_parallel"] = train(dataset, label, Path(spec["interrupted_copy"]),
+                                              resume=True, progress=False)
+    # runs interrupted here, for the test to resume in one process
+    results["interrupted_here"] = []
+    for name, settings in (("interrupted", config), ("interrupted-label-parallel", label)):
+        undo = interrupt_after(2)
+        try:
+            train(dataset, settings, out / name, progress=False)
+        except Interrupted:
+            results["interrupted_here"].append(name)
+        undo()
 
     results["head"] = head_allocation(
         dataset, replace(config, players=4, label_parallel=True, epochs=1), out / "head"

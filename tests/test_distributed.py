@@ -2,7 +2,7 @@
 
 Two processes take the steps one process takes on the same global batches (same seed), up to
 the order in which floats are summed: parameters agree within ``PARAMETER_TOLERANCE`` (max
-absolute difference; about 1e-7 is seen after three epochs) and, as no test document's ranking
+absolute difference; up to 2e-6 is seen after three epochs) and, as no test document's ranking
 is that close to a tie, the metrics are equal. Dropout stays on (0.3): its masks are drawn for
 the whole batch from the shared seed and sliced by rows, so it does not make the runs differ.
 Evaluation over two processes is exact by construction (each process scores whole batches of
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -60,10 +61,6 @@ def read_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
 
-def untimed(results: dict) -> dict:
-    return {k: v for k, v in results.items() if not k.endswith("_seconds")}
-
-
 class Interrupted(Exception):
     pass
 
@@ -99,10 +96,14 @@ def world(tmp_path_factory):
         with pytest.raises(Interrupted):
             train(dataset, config, interrupted, progress=False)
 
+    interrupted_copy = folder / "interrupted-alone-copy"
+    shutil.copytree(interrupted, interrupted_copy)
+
     out = folder / "two"
     out.mkdir()
     spec = {"out": str(out), "dataset": str(dataset.path), "config": asdict(config),
-            "interrupted": str(interrupted), "reference": str(reference), "eval_batch": 4}
+            "interrupted": str(interrupted), "interrupted_copy": str(interrupted_copy),
+            "reference": str(reference), "eval_batch": 4}
     (folder / "spec.json").write_text(json.dumps(spec))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node", "2", str(JOBS), str(folder / "spec.json")]
@@ -111,7 +112,8 @@ def world(tmp_path_factory):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-6000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     return SimpleNamespace(dataset=dataset, config=config, reference=reference,
-                           expected=expected, interrupted=interrupted, out=out, ranks=ranks)
+                           expected=expected, interrupted=interrupted,
+                           interrupted_copy=interrupted_copy, out=out, ranks=ranks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,20 +201,27 @@ def test_label_parallel_holds_one_block_of_players_per_process(world):
 
 
 def test_checkpoints_move_between_one_and_two_processes(world):
-    """A one-process checkpoint resumed on two processes, and a two-process checkpoint resumed
-    in one, reach the uninterrupted run's weights and metrics."""
-    resumed_by_two = world.interrupted
-    assert world.ranks[0]["interrupted_here"] and world.ranks[1]["interrupted_here"]
-    written_by_two = world.out / "interrupted"
-    assert json.loads((written_by_two / "checkpoint" / "state.json").read_text())["epoch"] == 2
-    results = train(world.dataset, world.config, written_by_two, resume=True, progress=False)
-    assert json.loads((written_by_two / "run.json").read_text())["processes"] == 1
-    for run, test_results in ((resumed_by_two, world.ranks[0]["resumed"]),
-                              (written_by_two, results)):
-        assert max_difference(world.reference / "model.safetensors",
-                              run / "model.safetensors") < PARAMETER_TOLERANCE
-        assert untimed(test_results)["test"] == pytest.approx(world.expected["test"], abs=1e-9)
+    """One-process checkpoints resumed on two processes (data- and label-parallel), and
+    two-process checkpoints (data- and label-parallel) resumed in one, reach the uninterrupted
+    run's weights and metrics."""
+    runs = [(world.interrupted, world.ranks[0]["resumed"], 2),
+            (world.interrupted_copy, world.ranks[0]["resumed_label_parallel"], 2)]
+    assert world.ranks[0]["interrupted_here"] == world.ranks[1]["interrupted_here"] == \
+        ["interrupted", "interrupted-label-parallel"]
+    for name in world.ranks[0]["interrupted_here"]:
+        written_by_two = world.out / name
+        state = json.loads((written_by_two / "checkpoint" / "state.json").read_text())
+        assert state["epoch"] == 2
+        results = train(world.dataset, replace(world.config, label_parallel=False),
+                        written_by_two, resume=True, progress=False)
+        runs.append((written_by_two, results, 1))
+    for run, results, processes in runs:
+        for weights in ("model.safetensors", "checkpoint/model.safetensors"):
+            assert max_difference(world.reference / weights, run / weights) \
+                < PARAMETER_TOLERANCE, (run, weights)
+        assert results["test"] == pytest.approx(world.expected["test"], abs=1e-9), run
         assert len(read_log(run)) == world.config.epochs
+        assert json.loads((run / "run.json").read_text())["processes"] == processes
 
 
 # --------------------------------------------------------------------------------------------
