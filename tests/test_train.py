@@ -62,7 +62,7 @@ def test_tiny_run_learns_a_separable_set(toy, tmp_path, changes):
 def test_untrained_model_does_not_score_perfectly(toy, tmp_path, monkeypatch):
     """The P@1 = 1 above comes from training: without player steps the same run misses."""
 
-    def frozen_step(model, opt, inputs, pairs, targets, rarity, game, probe):
+    def frozen_step(model, opt, inputs, pairs, targets, rarity, game, probe, **extra):
         with torch.no_grad():
             h = model.encoder(inputs)
             logits = model.players.logits(h, pairs)

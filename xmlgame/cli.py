@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def main(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Show warnings and errors only."),
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    if os.environ.get("RANK", "0") != "0":  # one of several processes: the main one talks
+        level = logging.ERROR
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
 
 
@@ -189,6 +192,22 @@ def train(
         None, help="Resume this run folder from its last finished epoch."
     ),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    num_processes: int | None = typer.Option(
+        None, help="Train as this many processes on this machine (one per GPU, or CPU "
+        "processes); under accelerate launch or torchrun, the count they started."
+    ),
+    label_parallel: bool | None = typer.Option(
+        None, "--label-parallel/--data-parallel",
+        help="With several processes: split the players over them (head memory / P) instead "
+        "of every process holding all (default: data-parallel).",
+    ),
+    grad_accum: int | None = typer.Option(
+        None, help="Micro-batches per batch: the encoder holds one's activations at a time, "
+        "the steps are those of the whole batch (default: 1).",
+    ),
+    mixed_precision: str | None = typer.Option(
+        None, help="bf16: run the encoder's forward in bfloat16, GPUs only (default: no)."
+    ),
 ) -> None:
     """Train a CD-GTMLL model on a prepared dataset.
 
@@ -197,11 +216,14 @@ def train(
     xmlgame train --players 6 --overlap 0.2         the game with six players
     xmlgame train --players 1 --alpha 0             the plain BCE baseline, same code path
     xmlgame train --resume ~/xmlgame/runs/RUN       continue an interrupted run
+    xmlgame train --num-processes 4                 four processes on this machine
+    accelerate launch --multi_gpu --num_processes 8 -m xmlgame.cli train --label-parallel
     """
-    from xmlgame import runs
+    from xmlgame import distributed, runs
 
+    execution = runs.execution_options(label_parallel, grad_accum, mixed_precision)
     if resume is not None:
-        results, run_dir = runs.resume_run(resume, progress=progress)
+        runs.resolve_run(resume)  # a mistake stops here, before any process starts
     else:
         config = runs.make_config(
             players=players, overlap=overlap, alpha=alpha, beta=beta, schedule=schedule,
@@ -212,10 +234,18 @@ def train(
             shortlist_weight=shortlist_weight, index_vectors=index_vectors, index=index,
             hnsw_m=hnsw_m,
             ef_construction=ef_construction, ef_search=ef_search, ivf_nlist=ivf_nlist,
-            nprobe=nprobe,
+            nprobe=nprobe, **execution,
         )
+    if num_processes is not None:
+        if num_processes > 1 and distributed.launched_world_size() is None:
+            raise typer.Exit(code=distributed.relaunch(num_processes, sys.argv[1:]))
+        distributed.check_world_size(num_processes)
+    if resume is not None:
+        results, run_dir = runs.resume_run(resume, progress=progress, **execution)
+    else:
         results, run_dir = runs.start_run(dataset, config, out=out, progress=progress)
-    typer.echo(runs.format_results(results, run_dir))
+    if distributed.Communicator.current().is_main:
+        typer.echo(runs.format_results(results, run_dir))
 
 
 @app.command(name="eval")

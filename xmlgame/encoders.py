@@ -179,6 +179,38 @@ def csr_batch(X: sp.csr_matrix, rows: np.ndarray) -> tuple[torch.Tensor, ...]:  
     )
 
 
+class BatchDropout(nn.Dropout):
+    """``nn.Dropout`` that can take its mask from one drawn for a whole batch.
+
+    :meth:`DocumentEncoder.draw_dropout` draws the (B, D) mask of a batch once; a forward on
+    rows ``[offset, offset + b)`` of that batch then uses those rows of it. The processes of a
+    multi-process run all draw the same mask (same seed, same draws) and each uses its own rows,
+    and the micro-batches of gradient accumulation reuse it when they run again for the backward:
+    both then compute what one process computes on the whole batch. The draw is the one
+    ``nn.Dropout`` makes on CPUs (``bernoulli_(1 - p)`` on a (B, D) tensor, divided by
+    ``1 - p``), so a single process's numbers are those of ``nn.Dropout``. Without a drawn mask
+    (outside a training step) it is ``nn.Dropout``.
+    """
+
+    def __init__(self, p: float, dim: int):
+        super().__init__(p)
+        self.dim = dim
+        self.mask: torch.Tensor | None = None  # (B, D) scaled keep-mask of the current batch
+        self.offset = 0  # the first row of the next forward within that batch
+
+    def draw(self, n_rows: int, device: torch.device) -> None:
+        self.offset = 0
+        self.mask = None
+        if self.training and 0 < self.p < 1:
+            keep = 1 - self.p
+            self.mask = torch.empty(n_rows, self.dim, device=device).bernoulli_(keep).div_(keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask is None or not self.training:
+            return super().forward(x)
+        return x * self.mask[self.offset : self.offset + x.shape[0]].to(x.dtype)
+
+
 class BowEncoder(nn.Module):
     """TF-IDF embedding bag, then a residual GELU layer: (indices, offsets, weights) -> (B, D)."""
 
@@ -190,7 +222,7 @@ class BowEncoder(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim))
         self.norm = nn.LayerNorm(dim)
         self.hidden = nn.Linear(dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = BatchDropout(dropout, dim)
 
     def forward(self, indices, offsets, weights) -> torch.Tensor:
         e = self.bag(indices, offsets, per_sample_weights=weights) + self.bias  # (B, D)
@@ -269,10 +301,12 @@ class TransformerEncoder(nn.Module):
         was_training = self.model.training
         self.model.eval()
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        device = next(self.model.parameters()).device
         starts = range(0, len(texts), batch_size)
         for start in tqdm(starts, desc="encoding", unit="batch", disable=not progress):
             batch = self.tokenize(texts[start : start + batch_size])
-            out[start : start + batch_size] = self(**batch).float().numpy()
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out[start : start + batch_size] = self(**batch).float().cpu().numpy()
         self.model.train(was_training)
         return out
 
@@ -293,7 +327,7 @@ class Adapter(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.hidden = nn.Linear(dim, dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = BatchDropout(dropout, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
@@ -336,6 +370,27 @@ class DocumentEncoder(nn.Module):
                 parts.append(self.transformer(**inputs["tokens"]))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def draw_dropout(self, n_rows: int) -> None:
+        """Draw the dropout masks of a whole batch of ``n_rows`` (see :class:`BatchDropout`)."""
+        for module in self.modules():
+            if isinstance(module, BatchDropout):
+                module.draw(n_rows, self.device)
+
+    def dropout_rows(self, offset: int) -> None:
+        """The next forward sees the batch's rows from ``offset`` on."""
+        for module in self.modules():
+            if isinstance(module, BatchDropout):
+                module.offset = offset
+
+    def clear_dropout(self) -> None:
+        for module in self.modules():
+            if isinstance(module, BatchDropout):
+                module.mask = None
+
     def sparse_parameters(self) -> list[nn.Parameter]:
         return [self.bow.bag.weight] if self.bow is not None else []
 
@@ -367,15 +422,16 @@ class SplitFeatures:
 
 
 def batch_inputs(encoder: DocumentEncoder, features: SplitFeatures, rows: np.ndarray) -> dict:
-    """The ``forward`` inputs for some documents of a featurized split."""
+    """The ``forward`` inputs for some documents of a featurized split, on the encoder's
+    device."""
     inputs: dict = {}
+    device = encoder.device
     if encoder.bow is not None:
-        inputs["bow"] = csr_batch(features.tfidf, rows)
+        inputs["bow"] = tuple(t.to(device) for t in csr_batch(features.tfidf, rows))
     if encoder.transformer is not None:
         if encoder.uses_cached_embeddings:
-            inputs["embeddings"] = torch.from_numpy(features.embeddings[rows])
+            inputs["embeddings"] = torch.from_numpy(features.embeddings[rows]).to(device)
         else:
-            inputs["tokens"] = dict(
-                encoder.transformer.tokenize([features.texts[int(i)] for i in rows])
-            )
+            tokens = encoder.transformer.tokenize([features.texts[int(i)] for i in rows])
+            inputs["tokens"] = {k: v.to(device) for k, v in tokens.items()}
     return inputs

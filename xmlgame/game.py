@@ -80,9 +80,14 @@ def payoffs(
     pairs: Pairs,
     players: Players,
     config: GameConfig,
+    n_entries: int | None = None,
 ) -> Payoffs:
-    """R, each C_i and Phi from pair logits (B, M), targets (B, C) and rarity (C,)."""
-    n_entries = targets.numel()
+    """R, each C_i and Phi from pair logits (B, M), targets (B, C) and rarity (C,).
+
+    ``n_entries`` is the B x C the sums are divided by: that of ``targets`` unless these are
+    one process's rows of a larger batch (then the parts of the processes add up to the whole).
+    """
+    n_entries = targets.numel() if n_entries is None else n_entries
     probs = torch.sigmoid(logits)  # (B, M)
     fused = players.fuse(probs, pairs).clamp(EPS, 1 - EPS)  # (B, C)
     R = -F.binary_cross_entropy(fused, targets, reduction="sum") / n_entries  # noqa: N806
@@ -123,7 +128,8 @@ class BatchState:
     clamping, ``weights`` the (M,) fusion weight of each pair; ``pair_targets`` (B, M) and
     ``pair_rarity`` (M,) are the targets and rarity of each pair's label, gathered once so that
     a player's slice of them is a view. After a player's step, :meth:`replace` updates its pairs
-    and the fused columns they feed.
+    and the fused columns they feed. ``n_entries`` is the B x C that R and C_i divide by: the
+    batch's own, or the whole batch's when these rows are one process's part of it.
     """
 
     logits: torch.Tensor
@@ -133,14 +139,17 @@ class BatchState:
     pair_targets: torch.Tensor
     pair_rarity: torch.Tensor
     pairs: Pairs
+    n_entries: int
 
     @classmethod
-    def start(cls, logits, targets, rarity, pairs: Pairs, players: Players) -> BatchState:
+    def start(cls, logits, targets, rarity, pairs: Pairs, players: Players,
+              n_entries: int | None = None) -> BatchState:
         with torch.no_grad():
             probs = torch.sigmoid(logits)
             weights = players.fusion_weights(pairs)
             fused = probs.new_zeros(targets.shape).index_add_(1, pairs.col, probs * weights)
-        return cls(logits, probs, fused, weights, targets[:, pairs.col], rarity[pairs.col], pairs)
+        return cls(logits, probs, fused, weights, targets[:, pairs.col], rarity[pairs.col], pairs,
+                   targets.numel() if n_entries is None else n_entries)
 
     @torch.no_grad()
     def replace(self, player: int, logits: torch.Tensor) -> None:
@@ -158,7 +167,7 @@ class BatchState:
         fused = raw.clamp(EPS, 1 - EPS)
         inside = fused == raw
         slope = (self.pair_targets[:, select] - fused).div_(fused * (1 - fused))
-        return slope.mul_(inside).div_(self.fused.numel())
+        return slope.mul_(inside).div_(self.n_entries)
 
 
 @torch.no_grad()
@@ -180,7 +189,7 @@ def pair_logit_gradient(
     grad = slope_fused * state.weights[select] * slope  # dR/dz
     if config.alpha > 0:
         targets = state.pair_targets[:, select]
-        r = state.pair_rarity[select] * (config.alpha / state.fused.numel())
+        r = state.pair_rarity[select] * (config.alpha / state.n_entries)
         if config.curiosity_targets == "positives":
             grad += r * targets * (1 - pi)  # rarity-weighted log-likelihood of positives
         else:

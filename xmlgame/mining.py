@@ -59,19 +59,20 @@ def encode_all(model, features: SplitFeatures, batch_size: int = 2048,
     starts = range(0, n, batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
         rows = np.arange(start, min(start + batch_size, n))
-        out[rows] = model.encoder(batch_inputs(model.encoder, features, rows)).numpy()
+        out[rows] = model.encoder(batch_inputs(model.encoder, features, rows)).cpu().numpy()
     model.train(was_training)
     return out
 
 
 @torch.no_grad()
-def fallback_vectors(model, labels: np.ndarray, label_names: Sequence[str] | None) -> np.ndarray:
+def fallback_vectors(model, labels: np.ndarray, label_names: Sequence[str] | None,
+                     rows: np.ndarray | None = None) -> np.ndarray:
     """Vectors (len(labels), D) for labels that no training document carries.
 
     The encoder's embedding of the label's name where the encoder reads texts and the name
-    has a known word; otherwise the weight row of the label's first owner.
+    has a known word; otherwise the label's classifier direction, its fused weight row ``w``
+    (from ``rows``, :func:`label_rows` of the model, computed here when not given).
     """
-    players = model.players
     out = np.zeros((len(labels), model.encoder.dim), dtype=np.float32)
     if len(labels) == 0:
         return out
@@ -88,9 +89,10 @@ def fallback_vectors(model, labels: np.ndarray, label_names: Sequence[str] | Non
             named = np.diff(features.tfidf.indptr) > 0  # a name with no known word is noise
         else:
             named[:] = True
-    for j in np.nonzero(~named)[0]:
-        player, row = model.shards.owner_player[labels[j], 0], model.shards.owner_row[labels[j], 0]
-        out[j] = players.tables[player].weight[row, :-1].numpy()
+    unnamed = np.nonzero(~named)[0]
+    if len(unnamed):
+        rows = label_rows(model) if rows is None else rows
+        out[unnamed] = rows[labels[unnamed], :-1]
     return out
 
 
@@ -102,28 +104,40 @@ def name_to_text(name: str) -> str:
 VECTORS = ("centroids", "heads", "both")
 
 
-def head_vectors(model) -> np.ndarray:
-    """Each label's classifier as a unit vector (L, D + 2) whose cosine with
-    :func:`head_queries` ranks labels by their fused logit.
+@torch.no_grad()
+def label_rows(model) -> np.ndarray:
+    """Each label's fused classifier row ``[w, b]`` (L, D + 1): the fusion-weighted sum of its
+    owners' weight rows, so that ``[w, b] . [h, 1]`` is (exactly, for one owner; nearly, for
+    two) the logit its players give ``h``.
 
-    A label's row is ``[w, b]``, the fusion-weighted mean of its owners' weight rows, so that
-    ``[w, b] . [h, 1]`` is (nearly, exactly for one owner) the logit its players give ``h``.
-    Inner products become cosines by the usual augmentation: rows are divided by the largest
-    norm ``m`` and given one more coordinate, ``sqrt(1 - |x|^2 / m^2)``, so every row has norm
-    1 and the order by cosine with ``[h, 1, 0]`` is the order by ``[w, b] . [h, 1]``.
+    In label-parallel training each process adds its own players' rows and the parts are
+    summed over processes, so every process must call this.
     """
     players = model.players
     owners = players.owner_player
     fusion = players.fusion.weight.detach().masked_fill(owners < 0, float("-inf")).softmax(-1)
-    rows = torch.zeros(model.n_labels, players.dim + 1)
-    with torch.no_grad():
-        for position in (0, 1):
-            for player, table in enumerate(players.tables):
-                labels = torch.nonzero(owners[:, position] == player).squeeze(1)
-                if labels.numel():
-                    weight = table.weight[players.owner_row[labels, position]]
-                    rows[labels] += fusion[labels, position, None] * weight
-    rows = rows.numpy()
+    rows = torch.zeros(model.n_labels, players.dim + 1, device=fusion.device)
+    for position in (0, 1):
+        for player in players.held:
+            labels = torch.nonzero(owners[:, position] == player).squeeze(1)
+            if labels.numel():
+                weight = players.tables[player].weight[players.owner_row[labels, position]]
+                rows[labels] += fusion[labels, position, None] * weight
+    if players.combine is not None:  # label-parallel: the other processes' players
+        rows = players.combine(rows)
+    return rows.cpu().numpy()
+
+
+def head_vectors(model, rows: np.ndarray | None = None) -> np.ndarray:
+    """Each label's classifier as a unit vector (L, D + 2) whose cosine with
+    :func:`head_queries` ranks labels by their fused logit.
+
+    From the rows ``[w, b]`` of :func:`label_rows` (computed here when not given), inner
+    products become cosines by the usual augmentation: rows are divided by the largest norm
+    ``m`` and given one more coordinate, ``sqrt(1 - |x|^2 / m^2)``, so every row has norm 1 and
+    the order by cosine with ``[h, 1, 0]`` is the order by ``[w, b] . [h, 1]``.
+    """
+    rows = label_rows(model) if rows is None else rows
     norms = np.linalg.norm(rows, axis=1)
     scale = max(float(norms.max()), 1e-12)
     extra = np.sqrt(np.clip(1 - (norms / scale) ** 2, 0, None))[:, None]
@@ -165,7 +179,7 @@ class Shortlister:
     def search(self, h, k: int) -> np.ndarray:
         """int64 (B, k per index) label ids: each index's top k, joined; repeats and empty
         slots are -1."""
-        h = h.detach().numpy() if isinstance(h, torch.Tensor) else np.asarray(h, np.float32)
+        h = h.detach().cpu().numpy() if isinstance(h, torch.Tensor) else np.asarray(h, np.float32)
         parts = []
         if self.centroids is not None:
             parts.append(self.centroids.search(h, k)[1])
@@ -181,8 +195,8 @@ class Shortlister:
         """Cosine of each document with its listed labels' centroids, (B, K); 0 on empty slots."""
         if self.centroids is None:
             raise XmlgameError("mixing in the shortlist's similarity needs the centroid index")
-        safe = labels.clamp(min=0).reshape(-1).numpy()
-        vectors = torch.from_numpy(self.centroids.index.reconstruct_batch(safe))
+        safe = labels.clamp(min=0).reshape(-1).cpu().numpy()
+        vectors = torch.from_numpy(self.centroids.index.reconstruct_batch(safe)).to(h.device)
         vectors = vectors.reshape(*labels.shape, -1)
         unit = torch.nn.functional.normalize(h, dim=1)
         return torch.einsum("bd,bkd->bk", unit, vectors).masked_fill(labels < 0, 0.0)
@@ -216,10 +230,11 @@ class Refresh:
 
 def refresh(model, features: SplitFeatures, Y: sp.csr_matrix, config: IndexConfig,
             mine_k: int, label_names: Sequence[str] | None = None, vectors: str = "both",
-            progress: bool = False) -> Refresh:
+            progress: bool = False, rows: np.ndarray | None = None) -> Refresh:
     """Rebuild the label index(es) from the current model and mine ``mine_k`` negatives per
     training document from each (none when ``mine_k`` is 0). ``vectors``: which indexes, one
-    of :data:`VECTORS`."""
+    of :data:`VECTORS`. ``rows``: the model's :func:`label_rows`, if already computed (it must
+    be in label-parallel training, where computing them takes every process)."""
     if vectors not in VECTORS:
         raise XmlgameError(f"index vectors {vectors!r}: choose one of {', '.join(VECTORS)}")
     seconds = {}
@@ -237,11 +252,12 @@ def refresh(model, features: SplitFeatures, Y: sp.csr_matrix, config: IndexConfi
         fallback = None
         if len(missing):
             fallback = np.zeros((model.n_labels, model.encoder.dim), dtype=np.float32)
-            fallback[missing] = fallback_vectors(model, missing, label_names)
+            fallback[missing] = fallback_vectors(model, missing, label_names, rows)
         indexes["centroids"] = LabelIndex.build(centroids.vectors(fallback), config,
                                                 progress=progress)
     if vectors in ("heads", "both"):
-        indexes["heads"] = LabelIndex.build(head_vectors(model), config, progress=progress)
+        indexes["heads"] = LabelIndex.build(head_vectors(model, rows), config,
+                                            progress=progress)
     shortlister = Shortlister(**indexes)
     seconds["build"] = time.time() - start
 

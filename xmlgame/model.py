@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from xmlgame.dataset import PreparedDataset
 from xmlgame.encoders import (
@@ -67,13 +68,17 @@ class XmlModel(torch.nn.Module):
         vocab: TfidfVocabulary | None,
         label_prior: np.ndarray | None = None,
         sparse_players: bool = True,
+        held_players: range | None = None,
     ):
+        """``held_players``: in label-parallel training, the players whose tables this process
+        holds (see :class:`~xmlgame.players.Players`); all of them by default."""
         super().__init__()
         self.encoder_config = encoder_config
         self.shards = shards
         self.vocab = vocab
         self.encoder = DocumentEncoder(encoder_config, len(vocab) if vocab is not None else 0)
-        self.players = Players(shards, self.encoder.dim, label_prior, sparse_players)
+        self.players = Players(shards, self.encoder.dim, label_prior, sparse_players,
+                               held=held_players)
         self.label_names: Sequence[str] | None = None
         # prediction through a label shortlist: used when one is set and shortlist_k > 0
         self.shortlister: Shortlister | None = None
@@ -171,14 +176,14 @@ class XmlModel(torch.nn.Module):
             rows = np.arange(start, min(start + batch_size, n))
             h = self.encoder(batch_inputs(self.encoder, features, rows))
             best_i, best_s = score_batch(h, k)
-            ids[rows, : best_i.shape[1]] = best_i.numpy()
-            scores[rows, : best_s.shape[1]] = best_s.numpy()
+            ids[rows, : best_i.shape[1]] = best_i.cpu().numpy()
+            scores[rows, : best_s.shape[1]] = best_s.cpu().numpy()
         return Prediction(ids, scores)
 
     def _exhaustive_batch(self, h: torch.Tensor, k: int, blocks) -> tuple:
         k_eff = min(k, self.n_labels)
         best_s = h.new_full((h.shape[0], 0), -1.0)
-        best_i = torch.zeros((h.shape[0], 0), dtype=torch.long)
+        best_i = torch.zeros((h.shape[0], 0), dtype=torch.long, device=h.device)
         for pairs in blocks:
             probs = self.players.predict_proba(h, pairs)  # (B, C)
             s, i = torch.topk(probs, min(k_eff, probs.shape[1]), dim=1)
@@ -190,6 +195,7 @@ class XmlModel(torch.nn.Module):
 
     def _shortlist_batch(self, h: torch.Tensor, k: int) -> tuple:
         labels = torch.from_numpy(self.shortlister.search(h, max(self.shortlist_k, k)))
+        labels = labels.to(h.device)
         score = self.players.predict_proba_each(h, labels)  # (B, K), -1 on empty slots
         if self.shortlist_weight > 0:
             w = self.shortlist_weight
@@ -235,12 +241,16 @@ class XmlModel(torch.nn.Module):
         """State-dict prefix of weights loaded from the transformer's folder, not trained."""
         return "encoder.transformer." if self.encoder.uses_cached_embeddings else None
 
-    def save_weights(self, path: Path) -> None:
-        """The trained weights as safetensors; a frozen transformer stays in its own folder."""
+    def save_weights(self, path: Path, state: dict | None = None) -> None:
+        """The trained weights as safetensors; a frozen transformer stays in its own folder.
+
+        ``state`` replaces this model's state dict (a label-parallel run's, gathered from the
+        processes that hold each player: see :meth:`xmlgame.parallel.Parallel.state_dict`).
+        """
         frozen = self.frozen_prefix()
         state = {
-            k: v.detach().contiguous()
-            for k, v in self.state_dict().items()
+            k: v.detach().cpu().contiguous()
+            for k, v in (self.state_dict() if state is None else state).items()
             if frozen is None or not k.startswith(frozen)
         }
         tmp = path.with_suffix(".tmp")
@@ -248,9 +258,15 @@ class XmlModel(torch.nn.Module):
         tmp.replace(path)
 
     def load_weights(self, path: Path) -> None:
-        missing, unexpected = self.load_state_dict(load_file(str(path)), strict=False)
+        """Load saved weights; tables this process does not hold (empty placeholders in
+        label-parallel training) are left unread."""
+        placeholders = {k for k, v in self.state_dict().items() if v.numel() == 0}
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys() if k not in placeholders}
+        missing, unexpected = self.load_state_dict(state, strict=False)
         frozen = self.frozen_prefix()
-        missing = [k for k in missing if frozen is None or not k.startswith(frozen)]
+        missing = [k for k in missing if (frozen is None or not k.startswith(frozen))
+                   and k not in placeholders]
         if missing or unexpected:
             raise XmlgameError(
                 f"{path} does not match this model: missing {missing[:3]}, unexpected "

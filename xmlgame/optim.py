@@ -70,3 +70,28 @@ class RowAdam(torch.optim.Optimizer):
                     m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
                     v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                     p.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-size)
+
+
+def set_row_gradient(table: torch.nn.Embedding, rows: torch.Tensor, grad_rows: torch.Tensor):
+    """Give a table the gradient ``grad_rows`` on ``rows`` (sparse or dense, as it expects)."""
+    if table.sparse:
+        table.weight.grad = torch.sparse_coo_tensor(
+            rows[None], grad_rows, table.weight.shape, check_invariants=False
+        )
+    else:
+        grad = torch.zeros_like(table.weight)
+        grad[rows] = grad_rows  # rows are distinct: one pair per (label, player)
+        table.weight.grad = grad
+
+
+def step_table_rows(
+    optimizer: RowAdam, table: torch.nn.Embedding, rows: torch.Tensor, grad_rows: torch.Tensor
+) -> torch.Tensor:
+    """One step of a table's optimizer with the gradient ``grad_rows`` on its distinct ``rows``;
+    returns the updated rows. Sparse tables update those rows in place (no sparse tensor to
+    build), dense ones take a dense step (every row's moments move)."""
+    if table.sparse:
+        return optimizer.step_rows(table.weight, rows, grad_rows)
+    set_row_gradient(table, rows, grad_rows)
+    optimizer.step()
+    return table.weight.detach()[rows]

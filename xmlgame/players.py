@@ -63,19 +63,33 @@ class Players(nn.Module):
 
     def __init__(
         self, shards: Shards, dim: int, label_prior: np.ndarray | None = None,
-        sparse: bool = True,
+        sparse: bool = True, held: range | None = None,
     ):
-        """``sparse=False`` gives dense gradients: faster when every label is a candidate."""
+        """``sparse=False`` gives dense gradients: faster when every label is a candidate.
+
+        ``held`` (label-parallel training, see :mod:`xmlgame.parallel`): the contiguous block of
+        players whose tables this process holds; the others get empty placeholder tables. Their
+        random initial values are still drawn (one table at a time, then dropped), so the random
+        stream, and with it every held table, is what a single process would have.
+        """
         super().__init__()
         self.dim = dim
         self.n_players = shards.n_players
+        self.held = range(self.n_players) if held is None else held
+        # label-parallel: sums the partial fused scores of all processes (see predict_proba)
+        self.combine = None
         self.register_buffer("owner_player", torch.from_numpy(shards.owner_player), False)
         self.register_buffer("owner_row", torch.from_numpy(shards.owner_row), False)
         # one table per player: D weights and a bias per owned label, (L_i, D + 1)
         self.tables = nn.ModuleList(
-            nn.Embedding(len(labels), dim + 1, sparse=sparse) for labels in shards.player_labels
+            nn.Embedding(len(labels), dim + 1, sparse=sparse) if i in self.held
+            else _placeholder(len(labels), dim + 1, sparse)
+            for i, labels in enumerate(shards.player_labels)
         )
-        for table, labels in zip(self.tables, shards.player_labels):
+        for i, (table, labels) in enumerate(zip(self.tables, shards.player_labels)):
+            if i not in self.held:
+                torch.empty(len(labels), dim + 1).normal_()  # the draws of the line below
+                continue
             nn.init.normal_(table.weight, std=0.01)
             if label_prior is not None and len(labels):
                 # start each bias at the label's prior log-odds: no wasted epochs learning it
@@ -90,6 +104,7 @@ class Players(nn.Module):
 
     def pairs(self, labels: torch.Tensor) -> Pairs:
         """Expand candidate label ids (C,) into their (label, owner) pairs."""
+        labels = labels.to(self.owner_player.device)
         owners = self.owner_player[labels].reshape(-1)  # (2C,): (label, position) row-major
         entries = torch.nonzero(owners >= 0).squeeze(1)
         # group by player; the stable sort keeps label order within each player's pairs
@@ -100,8 +115,8 @@ class Players(nn.Module):
         ends = np.cumsum(counts).tolist()
         slices = [slice(end - count, end) for end, count in zip(ends, counts)]
         # the other owner of each overlapping label
-        pair_of = torch.full((labels.numel(), 2), -1, dtype=torch.long)
-        pair_of[col, pos] = torch.arange(col.numel())
+        pair_of = torch.full((labels.numel(), 2), -1, dtype=torch.long, device=labels.device)
+        pair_of[col, pos] = torch.arange(col.numel(), device=labels.device)
         peer = pair_of[col, 1 - pos]
         return Pairs(labels, col, pos, peer, player_rows, slices)
 
@@ -112,14 +127,30 @@ class Players(nn.Module):
         w = self.tables[player](pairs.player_rows[player])  # (M_i, D + 1)
         return h @ w[:, :-1].T + w[:, -1]
 
-    def logits(self, h: torch.Tensor, pairs: Pairs) -> torch.Tensor:
-        """(B, M) logits of every player on its pairs."""
+    def logits(self, h: torch.Tensor, pairs: Pairs, players: range | None = None) -> torch.Tensor:
+        """(B, M) logits of every player on its pairs; with ``players`` (a contiguous block of
+        them), of their pairs only: (B, M') over :meth:`pairs_of` them."""
         parts = [
             self.player_logits(h, pairs, i)
-            for i in range(self.n_players)
+            for i in (range(self.n_players) if players is None else players)
             if pairs.player_slices[i].stop > pairs.player_slices[i].start
         ]
         return torch.cat(parts, dim=1) if parts else h.new_zeros(h.shape[0], 0)
+
+    @staticmethod
+    def pairs_of(pairs: Pairs, players: range) -> slice:
+        """The pairs of a contiguous block of players, a slice of the M pairs."""
+        if not len(players):
+            return slice(0, 0)
+        return slice(pairs.player_slices[players[0]].start, pairs.player_slices[players[-1]].stop)
+
+    def _predict_proba_held(self, h: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+        """Label-parallel :meth:`predict_proba`: this process fuses its players' pairs (zero for
+        the others) and :attr:`combine` sums the parts over processes. A label has at most two
+        owners and 0 + a + b = a + b exactly, so the result equals one process's to the bit."""
+        probs = h.new_zeros(h.shape[0], pairs.n_pairs)
+        probs[:, self.pairs_of(pairs, self.held)] = torch.sigmoid(self.logits(h, pairs, self.held))
+        return self.combine(self.fuse(probs, pairs))
 
     def fusion_weights(self, pairs: Pairs) -> torch.Tensor:
         """(M,) softmax weight of each pair's player among the label's owners."""
@@ -138,6 +169,8 @@ class Players(nn.Module):
     @torch.no_grad()
     def predict_proba(self, h: torch.Tensor, pairs: Pairs) -> torch.Tensor:
         """Fused probabilities (B, C) for candidate labels."""
+        if self.combine is not None:
+            return self._predict_proba_held(h, pairs)
         return self.fuse(torch.sigmoid(self.logits(h, pairs)), pairs)
 
     @torch.no_grad()
@@ -145,19 +178,31 @@ class Players(nn.Module):
         """Fused probabilities (B, K) of each document's own K labels (a shortlist).
 
         ``labels`` is int64 (B, K), -1 for an empty slot (scored -1). Only the owners' rows of
-        the listed labels are read, so the cost is B x K rows whatever the label count.
+        the listed labels are read, so the cost is B x K rows whatever the label count. In
+        label-parallel training each process scores its players' owners and :attr:`combine`
+        adds the parts, as in :meth:`predict_proba`.
         """
         valid = labels >= 0
         safe = labels.clamp(min=0)
         owners = self.owner_player[safe]  # (B, K, 2)
         rows = self.owner_row[safe]
-        logits = h.new_zeros(owners.shape)
-        for player, table in enumerate(self.tables):
+        probs = h.new_zeros(owners.shape)
+        for player in self.held:
             doc, slot, position = torch.nonzero(owners == player, as_tuple=True)
             if doc.numel() == 0:
                 continue
-            w = table.weight[rows[doc, slot, position]]  # (n, D + 1)
-            logits[doc, slot, position] = torch.einsum("nd,nd->n", h[doc], w[:, :-1]) + w[:, -1]
+            w = self.tables[player].weight[rows[doc, slot, position]]  # (n, D + 1)
+            logit = torch.einsum("nd,nd->n", h[doc], w[:, :-1]) + w[:, -1]
+            probs[doc, slot, position] = torch.sigmoid(logit)
         fusion = self.fusion.weight[safe].masked_fill(owners < 0, float("-inf")).softmax(-1)
-        fused = (torch.sigmoid(logits) * fusion).sum(-1)
+        fused = (probs * fusion).sum(-1)
+        if self.combine is not None:
+            fused = self.combine(fused)
         return fused.masked_fill(~valid, -1.0)
+
+
+def _placeholder(n_rows: int, width: int, sparse: bool) -> nn.Embedding:
+    """The empty table of a player another process holds, drawing the random numbers that
+    ``nn.Embedding(n_rows, width)`` draws at construction."""
+    torch.empty(n_rows, width).normal_()
+    return nn.Embedding(0, width, sparse=sparse)

@@ -34,8 +34,11 @@ def make_config(
     hnsw_m: int = 32,
     ef_construction: int | None = None, ef_search: int | None = None, ivf_nlist: int = 0,
     nprobe: int | None = None,
+    label_parallel: bool | None = None, grad_accum: int | None = None,
+    mixed_precision: str | None = None,
 ) -> TrainConfig:
     """A validated TrainConfig from command-line values (None: the default)."""
+    execution = execution_options(label_parallel, grad_accum, mixed_precision)
     index_settings = {"kind": index, "hnsw_m": hnsw_m, "ivf_nlist": ivf_nlist}
     for name, value in (("ef_construction", ef_construction), ("ef_search", ef_search),
                         ("ivf_nprobe", nprobe)):
@@ -52,8 +55,16 @@ def make_config(
         negatives=negatives, seed=seed, shortlist_k=shortlist_k,
         predict_shortlist=predict_shortlist, shortlist_weight=shortlist_weight,
         index_vectors=index_vectors,
-        index=IndexConfig(seed=seed, **index_settings),
+        index=IndexConfig(seed=seed, **index_settings), **execution,
     )
+
+
+def execution_options(label_parallel: bool | None = None, grad_accum: int | None = None,
+                      mixed_precision: str | None = None) -> dict:
+    """The execution options given (not None), as TrainConfig fields."""
+    given = {"label_parallel": label_parallel, "grad_accum": grad_accum,
+             "mixed_precision": mixed_precision}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def default_dataset() -> Path:
@@ -79,17 +90,30 @@ def new_run_dir(dataset_name: str, config: TrainConfig) -> Path:
 
 def start_run(dataset: str | None, config: TrainConfig, out: Path | None = None,
               progress: bool = True) -> tuple[dict, Path]:
-    path = default_dataset() if dataset is None else resolve_dataset(dataset)
+    """Train a new run. Under a launcher the main process picks the dataset (preparing the
+    bundled one if need be) and the run folder (named from the clock), and tells the others."""
+    from xmlgame.distributed import Communicator
+
+    comm = Communicator.current()
+    path = comm.on_main(lambda: default_dataset() if dataset is None else resolve_dataset(dataset))
     data = load_dataset(path)
-    run_dir = out if out is not None else new_run_dir(data.name, config)
+    run_dir = comm.on_main(lambda: check_new_run_dir(
+        out if out is not None else new_run_dir(data.name, config)
+    ))
+    return train(data, config, run_dir, progress=progress), run_dir
+
+
+def check_new_run_dir(run_dir: Path) -> Path:
     if (run_dir / "run.json").exists():
         raise XmlgameError(
             f"{run_dir} already holds a run; choose another --out or resume it with --resume"
         )
-    return train(data, config, run_dir, progress=progress), run_dir
+    return run_dir
 
 
-def resume_run(run_dir: Path, progress: bool = True) -> tuple[dict, Path]:
+def resume_run(run_dir: Path, progress: bool = True, **execution) -> tuple[dict, Path]:
+    """Resume a run from its last finished epoch; ``execution`` options (see
+    :func:`execution_options`) replace the saved ones."""
     run_dir = resolve_run(run_dir)
     info = json.loads((run_dir / "run.json").read_text())
     data = load_dataset(info["dataset"]["path"])
@@ -98,7 +122,7 @@ def resume_run(run_dir: Path, progress: bool = True) -> tuple[dict, Path]:
             f"the dataset at {data.path} changed since {run_dir} started (checksum differs); "
             "start a new run instead of resuming"
         )
-    config = TrainConfig(**info["config"])
+    config = TrainConfig(**{**info["config"], **execution_options(**execution)})
     return train(data, config, run_dir, resume=True, progress=progress), run_dir
 
 

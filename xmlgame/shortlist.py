@@ -203,6 +203,18 @@ class LabelIndex:
     def __repr__(self) -> str:
         return f"LabelIndex(kind={self.kind!r}, n_labels={self.n_labels}, dim={self.dim})"
 
+    # pickling (sending an index to the other processes of a launch): FAISS's own bytes
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["index"] = faiss.serialize_index(self.index)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        state["index"] = faiss.deserialize_index(state["index"])
+        self.__dict__.update(state)
+        self.set_search_params(self.config.ef_search, self.config.ivf_nprobe)
+
     @classmethod
     def build(
         cls, vectors: np.ndarray, config: IndexConfig | None = None, progress: bool = False

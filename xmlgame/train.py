@@ -24,7 +24,8 @@ import json
 import logging
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from xmlgame.dataset import PreparedDataset
+from xmlgame.distributed import Communicator
 from xmlgame.encoders import EncoderConfig, SplitFeatures, TfidfVocabulary, batch_inputs
 from xmlgame.errors import XmlgameError
 from xmlgame.game import (
@@ -45,7 +47,15 @@ from xmlgame.game import (
 from xmlgame.metrics import TopK, compute_metrics
 from xmlgame.mining import VECTORS, Shortlister
 from xmlgame.model import XmlModel, dataset_fingerprint, label_prior
-from xmlgame.optim import RowAdam
+from xmlgame.optim import RowAdam, set_row_gradient, step_table_rows
+from xmlgame.parallel import (
+    MIXED_PRECISION,
+    BatchShare,
+    EncoderPass,
+    Parallel,
+    check_launch,
+    label_parallel_step,
+)
 from xmlgame.paths import write_json
 from xmlgame.players import Pairs
 from xmlgame.shards import make_shards
@@ -86,6 +96,10 @@ class TrainConfig:
     predict_k: int = 20
     measure_every: int = 4  # batches between measurements of Phi, R, C_i and gradient norms
     seed: int = 0
+    # how to train, not what: a resumed run may change these (see xmlgame.parallel)
+    label_parallel: bool = False  # several processes: each holds a block of the players
+    grad_accum: int = 1  # micro-batches per batch, the encoder's activations held for one
+    mixed_precision: str = "no"  # or "bf16": the encoder's forward on GPUs
 
     def __post_init__(self):
         if isinstance(self.encoder, dict):
@@ -122,11 +136,31 @@ class TrainConfig:
             raise XmlgameError(f"measure_every must be at least 1, got {self.measure_every}")
         if not 0 < self.val_fraction < 0.5:
             raise XmlgameError("--val-fraction must be in (0, 0.5)")
+        self.check_execution()
         for name in self.select_metric.split("+"):
             if name not in VALIDATION_METRICS:
                 raise XmlgameError(
                     f"--select-metric part {name!r} is not one of {', '.join(VALIDATION_METRICS)}"
                 )
+
+    def check_execution(self) -> None:
+        if self.grad_accum < 1:
+            raise XmlgameError(f"--grad-accum must be at least 1, got {self.grad_accum}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise XmlgameError(
+                f"--mixed-precision {self.mixed_precision!r}: choose one of "
+                f"{', '.join(MIXED_PRECISION)}"
+            )
+        for option, used in (("--label-parallel", self.label_parallel),
+                             ("--grad-accum > 1", self.grad_accum > 1)):
+            if used and self.game.schedule != "cyclic":
+                raise XmlgameError(
+                    f"{option} works with the cyclic schedule only, not --schedule "
+                    f"{self.game.schedule}; use the cyclic schedule or leave it out"
+                )
+
+
+EXECUTION_OPTIONS = ("label_parallel", "grad_accum", "mixed_precision")
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,18 +307,6 @@ class Optimizers:
             optimizer.load_state_dict(state)
 
 
-def set_row_gradient(table: torch.nn.Embedding, rows: torch.Tensor, grad_rows: torch.Tensor):
-    """Give a table the gradient ``grad_rows`` on ``rows`` (sparse or dense, as it expects)."""
-    if table.sparse:
-        table.weight.grad = torch.sparse_coo_tensor(
-            rows[None], grad_rows, table.weight.shape, check_invariants=False
-        )
-    else:
-        grad = torch.zeros_like(table.weight)
-        grad[rows] = grad_rows  # rows are distinct: one pair per (label, player)
-        table.weight.grad = grad
-
-
 def row_gradient_norms(table: torch.nn.Embedding) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, gradient norm of each touched row) of a table's sparse or dense gradient."""
     grad = table.weight.grad
@@ -310,35 +332,54 @@ class GradientProbe:
         self.counts = np.zeros(3)
 
     def record(self, player: int, rows: torch.Tensor, norms: torch.Tensor) -> None:
-        kinds = self.kinds[player][rows]
-        self.sums += np.bincount(kinds.numpy(), weights=norms.numpy(), minlength=3)
+        kinds = self.kinds[player][rows.cpu()]
+        self.sums += np.bincount(kinds.numpy(), weights=norms.cpu().numpy(), minlength=3)
         self.counts += np.bincount(kinds.numpy(), minlength=3)
 
-    def summary(self) -> dict:
+    def summary(self, comm: Communicator | None = None) -> dict:
+        """Means over the epoch; with ``comm``, over what every process recorded (label-parallel
+        training, where each records its own players)."""
+        if comm is not None and comm.active:
+            totals = torch.from_numpy(np.concatenate([self.sums, self.counts])).to(comm.device)
+            totals = comm.all_reduce_(totals).cpu().numpy()
+            self.sums, self.counts = totals[:3], totals[3:]
         means = self.sums / np.maximum(self.counts, 1)
         return {"grad_norm_head": float(means[1]), "grad_norm_tail": float(means[2])}
 
 
 def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, game: GameConfig,
-               probe: GradientProbe | None):
+               probe: GradientProbe | None, share: BatchShare | None = None):
     """One batch of the game.
 
     With a ``probe`` (a measured batch), records the players' gradient norms and returns the
     batch's R, C_i and Phi (after the players moved); otherwise returns None (cyclic schedule).
+
+    In data-parallel training ``share`` says which rows of the batch this process holds:
+    ``inputs`` (a ``batch_inputs`` dict, or a list of (offset, size, dict) micro-batches) and
+    ``targets`` are those rows', gradients are summed over processes before every step, and the
+    results are the whole batch's (see :mod:`xmlgame.parallel`). Alone, it is the whole batch.
     """
+    share = share or BatchShare(targets.shape[0])
+    comm = share.comm
     players = model.players
-    h = model.encoder(inputs)  # (B, D)
+    encoded = EncoderPass(model.encoder, inputs, share)
+    h = encoded.h  # (B, D)
+    n_entries = share.n_rows * targets.shape[1]  # the whole batch's B x C
     if game.schedule == "joint":
-        result = payoffs(players.logits(h, pairs), targets, rarity, pairs, players, game)
+        result = payoffs(players.logits(h, pairs), targets, rarity, pairs, players, game,
+                         n_entries)
         for o in opt.all():
             o.zero_grad(set_to_none=True)
         (-result.phi).backward()
+        encoded.done()
+        if comm.active:
+            comm.sync_gradients_(*trainable_parameters(model))
         for i, table in enumerate(players.tables):
             if probe is not None and table.weight.grad is not None:
                 probe.record(i, *row_gradient_norms(table))
         for o in opt.all():
             o.step()
-        return result
+        return share.sum_payoffs(result)
 
     # players: best responses on J_i, one after another, on the cached h(x)
     hd = h.detach()
@@ -347,22 +388,17 @@ def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, ga
         # each player's candidate rows, gathered once and kept current through its step
         weights = [players.tables[i](pairs.player_rows[i]) for i in range(players.n_players)]
         logits = torch.cat([hd @ w[:, :-1].T + w[:, -1] for w in weights], 1)  # (B, M)
-    state = BatchState.start(logits, targets, rarity, pairs, players)
+    state = BatchState.start(logits, targets, rarity, pairs, players, n_entries)
     for i in range(players.n_players):
         own = pairs.player_slices[i]
         if opt.players[i] is None or own.stop == own.start:
             continue
         grad_rows = pair_logit_gradient(state, game, own).T @ h1  # (M_i, D + 1)
+        comm.all_reduce_(grad_rows)  # data-parallel: the whole batch's
         rows = pairs.player_rows[i]
         if probe is not None:
             probe.record(i, rows, grad_rows.norm(dim=1))
-        table = players.tables[i]
-        if table.sparse:  # update the candidates' rows in place, no sparse tensor needed
-            weights[i] = opt.players[i].step_rows(table.weight, rows, grad_rows)
-        else:
-            set_row_gradient(table, rows, grad_rows)
-            opt.players[i].step()
-            weights[i] = table.weight.detach()[rows]
+        weights[i] = step_table_rows(opt.players[i], players.tables[i], rows, grad_rows)
         with torch.no_grad():
             state.replace(i, hd @ weights[i][:, :-1].T + weights[i][:, -1])
 
@@ -372,25 +408,46 @@ def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, ga
     weights = torch.cat(weights)  # (M, D + 1), after the players' steps
     for o in [opt.fusion] + opt.encoder:
         o.zero_grad(set_to_none=True)
-    h.backward(grad_logits @ weights[:, :-1])
-    fusion_rows = torch.zeros(pairs.labels.numel(), 2).index_put_(
-        (pairs.col, pairs.pos), fusion_logit_gradient(state, slope_fused)
+    encoded.backward(grad_logits @ weights[:, :-1])
+    fusion_grad = comm.all_reduce_(fusion_logit_gradient(state, slope_fused))  # (M,)
+    fusion_rows = torch.zeros(pairs.labels.numel(), 2, device=hd.device).index_put_(
+        (pairs.col, pairs.pos), fusion_grad
     )
     set_row_gradient(players.fusion, pairs.labels, fusion_rows)
+    if comm.active:
+        comm.sync_gradients_(model.encoder.sparse_parameters(), model.encoder.dense_parameters())
     for o in [opt.fusion] + opt.encoder:
         o.step()
     if probe is None:
         return None
     with torch.no_grad():
-        return payoffs(state.logits, targets, rarity, pairs, players, game)
+        result = payoffs(state.logits, targets, rarity, pairs, players, game, n_entries)
+    return share.sum_payoffs(result)
+
+
+def trainable_parameters(model) -> tuple[list, list]:
+    """(sparse, dense) trainable parameters: embedding tables with sparse gradients, the rest."""
+    sparse, dense = [], []
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.requires_grad:
+                is_sparse = isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) \
+                    and module.sparse
+                (sparse if is_sparse else dense).append(param)
+    return sparse, dense
 
 
 # --------------------------------------------------------------------------------------------
 # evaluation
 
 
-def evaluate_split(model, features, Y, train_counts, n_train, ab, config, k=None) -> tuple:
-    prediction = model.predict_features(features, k=k or config.predict_k)
+def evaluate_split(model, features, Y, train_counts, n_train, ab, config, k=None,
+                   parallel: Parallel | None = None) -> tuple:
+    """(predictions, metrics) of a split; with ``parallel``, shared over its processes and the
+    same on each (see :meth:`Parallel.predict`)."""
+    k = k or config.predict_k
+    prediction = (model.predict_features(features, k=k) if parallel is None
+                  else parallel.predict(model, features, k))
     topk = TopK(prediction.label_ids, prediction.scores)
     metrics = compute_metrics(
         topk, Y, train_counts, n_train, ab[0], ab[1], rare_threshold=config.rare_threshold,
@@ -403,29 +460,41 @@ def selection_score(metrics: dict, select_metric: str) -> float:
 
 
 @torch.no_grad()
-def tail_leaders(model: XmlModel, features, Y: sp.csr_matrix, train_counts, rare_threshold):
+def tail_leaders(model: XmlModel, features, Y: sp.csr_matrix, train_counts, rare_threshold,
+                 parallel: Parallel | None = None):
     """Per player: how many tail labels it is the top scorer for, on their positive documents.
 
     For each tail label (1..rare_threshold training documents) with positives in ``Y``, the
-    owner with the highest mean probability on those positives leads it.
+    owner with the highest mean probability on those positives leads it. With ``parallel``, each
+    process sums over its documents (data-parallel) or its players (label-parallel) and the sums
+    are added over processes.
     """
     model.eval()
     players = model.players
     sums = np.zeros((model.n_labels, 2))
     counts = np.zeros(model.n_labels)
-    for start in range(0, Y.shape[0], 512):
-        rows = np.arange(start, min(start + 512, Y.shape[0]))
+    documents = np.arange(Y.shape[0]) if parallel is None \
+        else parallel.evaluation_rows(Y.shape[0], 512)
+    for start in range(0, len(documents), 512):
+        rows = documents[start : start + 512]
         Yb = Y[rows]  # noqa: N806
         if Yb.nnz == 0:
             continue
         labels = np.unique(Yb.indices)
         pairs = players.pairs(torch.from_numpy(labels))
-        probs = torch.sigmoid(players.logits(model.encoder(batch_inputs(model.encoder, features,
-                                                                         rows)), pairs))
-        positive = torch.from_numpy(Yb[:, labels].toarray())[:, pairs.col]  # (B, M)
-        pair_sums = (probs * positive).sum(0).numpy()
-        np.add.at(sums, (labels[pairs.col.numpy()], pairs.pos.numpy()), pair_sums)
+        held = players.pairs_of(pairs, players.held)  # all pairs but in label-parallel training
+        h = model.encoder(batch_inputs(model.encoder, features, rows))
+        probs = torch.sigmoid(players.logits(h, pairs, players.held))  # (B, M_held)
+        positive = torch.from_numpy(Yb[:, labels].toarray()).to(h.device)[:, pairs.col[held]]
+        pair_sums = (probs * positive).sum(0).cpu().numpy()
+        np.add.at(sums, (labels[pairs.col[held].cpu().numpy()], pairs.pos[held].cpu().numpy()),
+                  pair_sums)
         counts[labels] += np.asarray(Yb[:, labels].sum(0)).ravel()
+    if parallel is not None and parallel.comm.active:
+        comm = parallel.comm
+        sums = comm.all_reduce_(torch.from_numpy(sums).to(comm.device)).cpu().numpy()
+        if not parallel.label_parallel:  # each process counted its own documents
+            counts = comm.all_reduce_(torch.from_numpy(counts).to(comm.device)).cpu().numpy()
     tail = (train_counts >= 1) & (train_counts <= rare_threshold) & (counts > 0)
     owners = model.shards.owner_player
     means = np.where(owners >= 0, sums, -np.inf)
@@ -441,6 +510,20 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def random_states(device: torch.device) -> dict:
+    """The torch random states a checkpoint keeps (the CPU's, and the GPU's on one)."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def set_random_states(saved: dict, device: torch.device) -> None:
+    torch.set_rng_state(saved["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in saved:
+        torch.cuda.set_rng_state(saved["cuda_rng"], device)
+
+
 class Trainer:
     """Runs the epochs of one run folder; ``run()`` returns the final test metrics."""
 
@@ -448,7 +531,14 @@ class Trainer:
                  resume: bool = False, progress: bool = True):
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.comm = Communicator.current()
+        check_launch(config, self.comm)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                                       mixed_precision=config.mixed_precision)
+        self.parallel = Parallel(
+            self.comm, config.players, config.label_parallel, config.grad_accum,
+            self.accelerator.autocast if config.mixed_precision != "no" else nullcontext,
+        )
         self.dataset = dataset
         self.config = config
         self.run_dir = run_dir
@@ -470,12 +560,15 @@ class Trainer:
         n_train = dataset.meta["counts"]["train_docs"]
         prior = label_prior(dataset.train_counts, n_train)
         full = dataset.n_labels <= config.full_candidates_max
-        self.model = XmlModel(config.encoder, shards, vocab, prior, sparse_players=not full)
+        self.model = XmlModel(config.encoder, shards, vocab, prior, sparse_players=not full,
+                              held_players=self.parallel.held_players).to(self.comm.device)
         start = time.time()
-        self.data = featurize_dataset(self.model, dataset, config)
+        with self.comm.main_first():  # a frozen transformer's embeddings are cached once
+            self.data = featurize_dataset(self.model, dataset, config)
         self.timings["featurize_seconds"] = round(time.time() - start, 2)
         self.n_train = self.data.Y_train.shape[0]
         self.rarity = torch.from_numpy(1.0 / (1.0 + self.data.train_counts)).float()
+        self.rarity = self.rarity.to(self.comm.device)
         self.candidates = Candidates(self.model.players, dataset.n_labels, config)
         # past full_candidates_max, a label index shortlists negatives and predictions
         self.mine_k = self.candidates.mine_k
@@ -486,7 +579,9 @@ class Trainer:
             self.model.shortlist_k = config.predict_shortlist
             self.model.shortlist_weight = config.shortlist_weight
         self.opt = Optimizers(self.model, config)
-        self.model.save_static(self.run_dir, list(dataset.label_names))
+        self.parallel.attach(self.model)
+        if self.comm.is_main:
+            self.model.save_static(self.run_dir, list(dataset.label_names))
 
     def header(self) -> None:
         c, d = self.config, self.data
@@ -502,6 +597,7 @@ class Trainer:
             self.candidates.describe(),
             c.epochs,
         )
+        self.log("  parallel %s", self.parallel.describe())
 
     def run_epoch(self, epoch: int) -> dict:
         config, model, data = self.config, self.model, self.data
@@ -517,14 +613,12 @@ class Trainer:
         for n_batches, first in enumerate(bar, start=1):
             rows = order[first : first + config.batch_size]
             pairs, targets = self.candidates.select(data.Y_train[rows], rng, rows)
-            inputs = batch_inputs(model.encoder, data.train, rows)
             measure = (n_batches - 1) % config.measure_every == 0
-            result = train_step(model, self.opt, inputs, pairs, targets,
-                                self.rarity[pairs.labels], config.game, probe if measure else None)
+            result = self.step(rows, pairs, targets, probe if measure else None)
             if result is not None:
                 totals["phi"] += result.phi.item()
                 totals["R"] += result.R.item()
-                totals["C"] += result.C.detach().numpy()
+                totals["C"] += result.C.detach().cpu().numpy()
                 totals["n"] += 1
                 bar.set_postfix(Phi=f"{totals['phi'] / totals['n']:.4f}", refresh=False)
         seconds = time.time() - start
@@ -535,7 +629,7 @@ class Trainer:
             "R": totals["R"] / n,
             "C": (totals["C"] / n).tolist(),
             "measured_batches": totals["n"],
-            **probe.summary(),
+            **probe.summary(self.comm if self.parallel.label_parallel else None),
             "train_seconds": round(seconds, 2),
             "docs_per_second": round(self.n_train / seconds, 1),
         }
@@ -543,19 +637,29 @@ class Trainer:
     def refresh_shortlist(self, initial: bool = False, last: bool = False) -> dict:
         """Rebuild the label indexes from the current model and mine new hard negatives.
 
+        In a launch of several processes, the main one does it and the others receive the result.
         Before the first epoch the players are untrained, so their head index would only rank
         labels by prior: the first negatives come from the centroid index alone when both are
         configured. After the last epoch nothing is left to mine for.
         """
-        from xmlgame.mining import refresh
+        from xmlgame.mining import label_rows, refresh
 
         vectors = self.config.index_vectors
-        done = refresh(
-            self.model, self.data.train, self.data.Y_train, self.config.index,
-            0 if last else self.mine_k, label_names=self.dataset.label_names,
-            vectors="centroids" if initial and vectors == "both" else vectors,
-            progress=self.progress,
-        )
+        if initial and vectors == "both":
+            vectors = "centroids"
+        # label-parallel: each label's fused row takes every process's players
+        rows = label_rows(self.model) if self.parallel.label_parallel else None
+
+        def rebuild():
+            return refresh(
+                self.model, self.data.train, self.data.Y_train, self.config.index,
+                0 if last else self.mine_k, label_names=self.dataset.label_names,
+                vectors=vectors, progress=self.progress, rows=rows,
+            )
+
+        # one process builds (HNSW builds differ from run to run) and sends the indexes and the
+        # negatives to the others, so that every process selects the same candidates
+        done = self.comm.on_main(rebuild)
         self.model.shortlister = done.shortlister
         self.candidates.hard = done.hard_negatives
         entry = done.log_entry()
@@ -564,22 +668,44 @@ class Trainer:
         ))
         return entry
 
+    def step(self, rows: np.ndarray, pairs: Pairs, targets: torch.Tensor, probe):
+        """This process's part of one batch's step (see :mod:`xmlgame.parallel`)."""
+        model, game = self.model, self.config.game
+        share = self.parallel.share(len(rows))
+        local = rows[share.rows]
+        inputs = [(offset, len(part), batch_inputs(model.encoder, self.data.train, part))
+                  for offset, part in share.parts(local)]
+        if len(inputs) == 1:
+            inputs = inputs[0][2]  # one batch_inputs dict
+        targets = targets.to(self.comm.device)
+        rarity = self.rarity[pairs.labels]
+        if self.parallel.label_parallel:
+            return label_parallel_step(model, self.opt, inputs, pairs, targets, rarity, game,
+                                       probe, share, self.parallel)
+        return train_step(model, self.opt, inputs, pairs, targets[share.rows], rarity, game,
+                          probe, share=share)
+
     def validate(self) -> dict:
         d = self.data
         _, metrics = evaluate_split(self.model, d.val, d.Y_val, d.train_counts, self.n_train,
-                                    self.ab, self.config)
+                                    self.ab, self.config, parallel=self.parallel)
         leaders = tail_leaders(self.model, d.val, d.Y_val, d.train_counts,
-                               self.config.rare_threshold)
+                               self.config.rare_threshold, self.parallel)
         return {"val": {m: metrics[m] for m in VALIDATION_METRICS}, "tail_labels_led": leaders}
 
     # checkpoints
 
     def save_checkpoint(self, state: dict) -> None:
+        # every process takes part in gathering; the main one writes the single-process layout
+        weights = self.parallel.state_dict(self.model)
+        optimizers = self.parallel.optimizer_states(self.opt, self.model)
+        if not self.comm.is_main:
+            return
         folder = self.run_dir / "checkpoint"
         tmp = self.run_dir / "checkpoint.tmp"
         tmp.mkdir(exist_ok=True)
-        self.model.save_weights(tmp / "model.safetensors")
-        torch.save({"optimizers": self.opt.state_dict(), "torch_rng": torch.get_rng_state()},
+        self.model.save_weights(tmp / "model.safetensors", weights)
+        torch.save({"optimizers": optimizers, **random_states(self.comm.device)},
                    tmp / "optim.pt")
         if self.model.shortlister is not None:  # HNSW builds are not bit-reproducible
             self.model.shortlister.save(tmp)
@@ -601,13 +727,24 @@ class Trainer:
         if not (folder / "state.json").exists():
             raise XmlgameError(f"{self.run_dir} has no finished epoch to resume from")
         self.model.load_weights(folder / "model.safetensors")
-        saved = torch.load(folder / "optim.pt", weights_only=False)
-        self.opt.load_state_dict(saved["optimizers"])
-        torch.set_rng_state(saved["torch_rng"])
+        # label-parallel: map the file, so that only this process's players' states are read
+        lean = self.parallel.label_parallel
+        saved = torch.load(folder / "optim.pt", map_location="cpu", weights_only=False,
+                           mmap=lean)
+        self.parallel.load_optimizer_states(self.opt, self.model, saved["optimizers"], copy=lean)
+        set_random_states(saved, self.comm.device)
         self.model.shortlister = Shortlister.load(folder)
         if (folder / "hard_negatives.npy").exists():
             self.candidates.hard = np.load(folder / "hard_negatives.npy")
         return json.loads((folder / "state.json").read_text())
+
+    def save_best(self) -> None:
+        """The selected weights and label indexes, written by the main process (the weights
+        gathered from all)."""
+        weights = self.parallel.state_dict(self.model)
+        if self.comm.is_main:
+            self.model.save_weights(self.run_dir / "model.safetensors", weights)
+            self.model.save_shortlister(self.run_dir)
 
     def run(self) -> dict:
         config = self.config
@@ -617,8 +754,10 @@ class Trainer:
         log_path = self.run_dir / "log.jsonl"
         if self.resume:
             state = self.load_checkpoint()
-            kept = log_path.read_text().splitlines()[: state["epoch"]] if log_path.exists() else []
-            log_path.write_text("".join(line + "\n" for line in kept))
+            if self.comm.is_main:
+                kept = log_path.read_text().splitlines()[: state["epoch"]] \
+                    if log_path.exists() else []
+                log_path.write_text("".join(line + "\n" for line in kept))
             self.log("resuming after epoch %d", state["epoch"])
         initial = {}
         if self.shortlisting and not self.resume:
@@ -637,13 +776,13 @@ class Trainer:
             improved = score > state["best"]
             if improved:
                 state.update(best=score, best_epoch=epoch + 1, bad_epochs=0)
-                self.model.save_weights(self.run_dir / "model.safetensors")
-                self.model.save_shortlister(self.run_dir)
+                self.save_best()
             else:
                 state["bad_epochs"] += 1
             state["epoch"] = epoch + 1
-            with open(log_path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            if self.comm.is_main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
             self.save_checkpoint(state)
             v = entry["val"]
             self.log(
@@ -657,6 +796,7 @@ class Trainer:
     def finish(self, state: dict) -> dict:
         from xmlgame.predictions import save_predictions
 
+        self.comm.barrier()  # the main process has written the selected weights
         self.model.load_weights(self.run_dir / "model.safetensors")
         if self.shortlisting:
             self.model.shortlister = Shortlister.load(self.run_dir)
@@ -665,7 +805,11 @@ class Trainer:
         prediction, metrics = evaluate_split(
             self.model, d.test, d.Y_test, self.dataset.train_counts,
             self.dataset.meta["counts"]["train_docs"], self.ab, self.config,
+            parallel=self.parallel,
         )
+        if not self.comm.is_main:
+            return {"best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+                    "test": metrics}
         topk = TopK(prediction.label_ids, prediction.scores)
         save_predictions(self.run_dir / "predictions.npz", topk, dataset_name=self.dataset.name)
         results = {
@@ -681,27 +825,43 @@ class Trainer:
 
 def train(dataset: PreparedDataset, config: TrainConfig, run_dir: Path, resume: bool = False,
           progress: bool = True) -> dict:
-    """Train (or resume) a run in ``run_dir``; returns the selected model's test results."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Train (or resume) a run in ``run_dir``; returns the selected model's test results.
+
+    Under a launcher, every process calls this with the same arguments (see
+    :mod:`xmlgame.parallel`); the main process writes the run folder. Resuming keeps the saved
+    configuration but takes the execution options (:data:`EXECUTION_OPTIONS`) from ``config``.
+    """
+    comm = Communicator.current()
     run_json = run_dir / "run.json"
     if resume:
         if not run_json.exists():
             raise XmlgameError(f"{run_dir} is not a run folder (no run.json); nothing to resume")
         saved = json.loads(run_json.read_text())
-        config = TrainConfig(**saved["config"])
+        changes = {name: getattr(config, name) for name in EXECUTION_OPTIONS}
+        config = replace(TrainConfig(**saved["config"]), **changes)
+        check_launch(config, comm)
+        if comm.is_main:
+            saved.update(config=asdict(config), processes=comm.world_size)
+            write_json(run_json, saved)
     else:
+        check_launch(config, comm)
         info = {
             "dataset": {"name": dataset.name, "path": str(dataset.path.resolve()),
                         "input_checksum": dataset.meta["input_checksum"]},
             "config": asdict(config),
             "status": "training",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "processes": comm.world_size,
         }
-        write_json(run_json, info)
+        if comm.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_json, info)
+        comm.barrier()  # the run folder exists for every process
     started = time.time()
     results = Trainer(dataset, config, run_dir, resume=resume, progress=progress).run()
-    info = json.loads(run_json.read_text())
-    info.update(status="done", wall_seconds=round(time.time() - started, 1),
-                finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    write_json(run_json, info)
+    if comm.is_main:
+        info = json.loads(run_json.read_text())
+        info.update(status="done", wall_seconds=round(time.time() - started, 1),
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        write_json(run_json, info)
     return results
