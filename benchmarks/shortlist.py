@@ -119,6 +119,10 @@ def main() -> int:
     parser.add_argument("--datasets", type=lambda s: s.split(","), default=list(DATASETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="Keep the runs already in --out/shortlist.json and do only the missing ones.",
+    )
     args = parser.parse_args()
 
     os.environ["XMLGAME_HOME"] = str(args.work.resolve())
@@ -135,9 +139,13 @@ def main() -> int:
     results = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpus": os.cpu_count(),
                "shortlist_k": base.shortlist_k, "negatives": base.negatives,
                "predict_shortlist": base.predict_shortlist, "seed": args.seed, "runs": {}}
+    if args.resume and (args.out / "shortlist.json").exists():
+        results["runs"] = json.loads((args.out / "shortlist.json").read_text())["runs"]
     for name in args.datasets:
         dataset = load_dataset(prepare(name, args.data_dir))
         for setting, config in settings.items():
+            if f"{name}/{setting}" in results["runs"]:
+                continue
             run_dir = args.work / "runs" / f"shortlist-{name}-{setting}-{int(time.time())}"
             row = one_run(dataset, config, run_dir, compare_index=setting == "mined")
             results["runs"][f"{name}/{setting}"] = row
