@@ -161,6 +161,19 @@ def child(run_dir: Path, dataset_path: Path, out: Path, latency_docs: int,
             "approximate_ms_per_doc": round(1000 * approx_seconds / len(docs), 3),
             "exact_ms_per_doc": round(1000 * exact_seconds / len(docs), 3),
         }
+        if index.kind == "ivf":  # how recall and time move with the cells scanned
+            default = index.config.ivf_nprobe
+            sweep = {}
+            for nprobe in (16, 32, 64, 128, 256):
+                index.set_search_params(nprobe=nprobe)
+                start = time.perf_counter()
+                _, approx = index.search(queries, k)
+                sweep[nprobe] = {
+                    "recall_at_k": round(recall_at_k(approx, exact), 4),
+                    "ms_per_doc": round(1000 * (time.perf_counter() - start) / len(docs), 3),
+                }
+            index.set_search_params(nprobe=default)
+            results["recall"][name]["nprobe_sweep"] = sweep
     print("recall", results["recall"], flush=True)
 
     # P@k through the approximate indexes and through exact ones, on the same documents
@@ -381,6 +394,19 @@ def report(r: dict) -> str:
             f"exact {v['exact_ms_per_doc']} ms)"
             for name, v in p["recall"].items() if isinstance(v, dict)
         ) + ".",
+    ]
+    sweeps = {name: v["nprobe_sweep"] for name, v in p["recall"].items()
+              if isinstance(v, dict) and "nprobe_sweep" in v}
+    if sweeps:
+        probes = list(next(iter(sweeps.values())))
+        lines += ["", "IVF cells scanned per query (nprobe) against recall@K and time per "
+                  "document (batched):", "",
+                  "| index | " + " | ".join(f"nprobe {n}" for n in probes) + " |",
+                  "|---|" + "---:|" * len(probes)]
+        for name, sweep in sweeps.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{sweep[n]['recall_at_k']} ({sweep[n]['ms_per_doc']} ms)" for n in probes) + " |")
+    lines += [
         "",
         "| test metrics (%) | P@1 | P@3 | P@5 | PSP@1 | PSP@5 |",
         "|---|---:|---:|---:|---:|---:|",

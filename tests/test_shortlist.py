@@ -9,6 +9,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+from xmlgame import shortlist
 from xmlgame.errors import XmlgameError
 from xmlgame.shortlist import (
     CentroidAccumulator,
@@ -238,10 +239,27 @@ def test_accumulator_rejects_mismatched_shapes():
 def test_auto_kind_follows_the_label_count():
     config = IndexConfig(flat_max=100)
     assert config.resolved_kind(100) == "flat"
-    assert config.resolved_kind(101) == "hnsw"
-    assert IndexConfig(kind="ivf").resolved_kind(10) == "ivf"
-    assert LabelIndex.build(clustered(101, dim=4), config).kind == "hnsw"
+    assert config.resolved_kind(101) == "ivf"
+    assert IndexConfig(kind="hnsw").resolved_kind(10) == "hnsw"
+    assert LabelIndex.build(clustered(200, dim=4), config).kind == "ivf"
     assert LabelIndex.build(clustered(100, dim=4), config).kind == "flat"
+
+
+def test_an_hnsw_graph_gets_all_labels_in_one_add(monkeypatch):
+    # FAISS builds a far worse graph from several add calls (see _add_in_chunks)
+    import faiss
+
+    calls = []
+
+    class CountingHNSW(faiss.IndexHNSWFlat):
+        def add(self, x):
+            calls.append(len(x))
+            super().add(x)
+
+    monkeypatch.setattr(faiss, "IndexHNSWFlat", CountingHNSW)
+    monkeypatch.setattr(shortlist, "ADD_CHUNK", 100)
+    index = LabelIndex.build(clustered(1000, dim=8), IndexConfig(kind="hnsw"))
+    assert calls == [1000] and index.n_labels == 1000
 
 
 def test_auto_nlist_grows_with_the_labels_and_keeps_39_points_per_cell():

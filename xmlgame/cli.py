@@ -179,7 +179,7 @@ def train(
     ),
     index: str = typer.Option(
         "auto", help="Label index: flat (exact), hnsw, ivf, or auto (flat up to 50,000 "
-        "labels, HNSW above)."
+        "labels, IVF above)."
     ),
     hnsw_m: int = typer.Option(32, help="HNSW graph degree M."),
     ef_construction: int | None = typer.Option(None, help="HNSW efConstruction."),
