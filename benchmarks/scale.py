@@ -71,7 +71,7 @@ def percentile(values, q: float) -> float:
 
 
 def child(run_dir: Path, dataset_path: Path, out: Path, latency_docs: int,
-          recall_docs: int, exact_docs: int) -> None:
+          recall_docs: int, exact_docs: int, default_search: bool = False) -> None:
     import numpy as np
     import torch
 
@@ -88,6 +88,13 @@ def child(run_dir: Path, dataset_path: Path, out: Path, latency_docs: int,
     start = time.perf_counter()
     model = load(run_dir)
     results["load_seconds"] = round(time.perf_counter() - start, 2)
+    if default_search:  # search as this code's defaults would, not as the run saved
+        for index in model.shortlister.indexes().values():
+            index.set_search_params(ef_search=IndexConfig().ef_search, nprobe=0)
+    results["search_params"] = {
+        name: {"kind": index.kind, "nprobe": int(index.index.nprobe)} if index.kind == "ivf"
+        else {"kind": index.kind} for name, index in model.shortlister.indexes().items()
+    }
     texts = dataset.test.texts
     n_test = len(texts)
     counts, n_train = dataset.train_counts, dataset.meta["counts"]["train_docs"]
@@ -244,6 +251,11 @@ def main() -> int:
     parser.add_argument("--exact-docs", type=int, default=5000)
     parser.add_argument("--child", nargs=3, metavar=("RUN", "DATASET", "OUT"))
     parser.add_argument(
+        "--default-search", action="store_true",
+        help="With --redo-predict: search the run's indexes with this code's default search "
+        "parameters (nprobe, ef_search) instead of those saved with the run.",
+    )
+    parser.add_argument(
         "--redo-predict", action="store_true",
         help="Run stage 3 again on the run of the last full benchmark (its scale.json in "
         "--out), e.g. when the machine was busy while it was measured.",
@@ -251,7 +263,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         run_dir, dataset, out = map(Path, args.child)
-        child(run_dir, dataset, out, args.latency_docs, args.recall_docs, args.exact_docs)
+        child(run_dir, dataset, out, args.latency_docs, args.recall_docs, args.exact_docs,
+              args.default_search)
         return 0
     if args.redo_predict:
         return redo_predict(args)
@@ -322,7 +335,8 @@ def predict_stage(run_dir: Path, dataset: Path, work: Path, env: dict, args) -> 
     stage = run_child(
         [sys.executable, __file__, "--child", str(run_dir), str(dataset), str(child_out),
          "--latency-docs", str(args.latency_docs), "--recall-docs", str(args.recall_docs),
-         "--exact-docs", str(args.exact_docs)], env, work / "predict.log")
+         "--exact-docs", str(args.exact_docs),
+         *(["--default-search"] if args.default_search else [])], env, work / "predict.log")
     return stage, json.loads(child_out.read_text())
 
 
@@ -335,6 +349,7 @@ def redo_predict(args) -> int:
         work / "run", Path(results.get("dataset") or next(
             (work / "home" / "datasets").glob("synthetic-*"))), work, env, args)
     results["predict_date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results["default_search"] = args.default_search
     (args.out / "scale.json").write_text(json.dumps(results, indent=1))
     (args.out / "scale.md").write_text(report(results))
     print(report(results))
@@ -395,6 +410,12 @@ def report(r: dict) -> str:
             for name, v in p["recall"].items() if isinstance(v, dict)
         ) + ".",
     ]
+    if "search_params" in p:
+        lines[-1] += " Stage 3 searched " + ", ".join(
+            f"{name} ({v['kind']}" + (f", nprobe {v['nprobe']})" if "nprobe" in v else ")")
+            for name, v in p["search_params"].items()
+        ) + (" with this code's defaults (`--default-search`), not the parameters saved with "
+             "the run" if r.get("default_search") else "") + "."
     sweeps = {name: v["nprobe_sweep"] for name, v in p["recall"].items()
               if isinstance(v, dict) and "nprobe_sweep" in v}
     if sweeps:

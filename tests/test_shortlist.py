@@ -262,6 +262,13 @@ def test_an_hnsw_graph_gets_all_labels_in_one_add(monkeypatch):
     assert calls == [1000] and index.n_labels == 1000
 
 
+def test_auto_nprobe_scans_at_least_64_cells_and_a_25th():
+    assert IndexConfig().resolved_nprobe(10) == 10
+    assert IndexConfig().resolved_nprobe(572) == 64
+    assert IndexConfig().resolved_nprobe(3274) == 131
+    assert IndexConfig(ivf_nprobe=5).resolved_nprobe(3274) == 5
+
+
 def test_auto_nlist_grows_with_the_labels_and_keeps_39_points_per_cell():
     config = IndexConfig()
     assert config.resolved_nlist(670_091) == round(4 * np.sqrt(670_091))
@@ -277,7 +284,7 @@ def test_auto_nlist_grows_with_the_labels_and_keeps_39_points_per_cell():
         ({"hnsw_m": 1}, "hnsw_m must be >= 2, got 1"),
         ({"ef_search": 0}, "ef_search must be >= 1"),
         ({"ef_construction": -5}, "ef_construction"),
-        ({"ivf_nprobe": 0}, "ivf_nprobe"),
+        ({"ivf_nprobe": -1}, "ivf_nprobe"),
         ({"ivf_nlist": -1}, "ivf_nlist"),
         ({"flat_max": -1}, "flat_max"),
         ({"seed": -1}, "seed"),

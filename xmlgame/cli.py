@@ -185,7 +185,9 @@ def train(
     ef_construction: int | None = typer.Option(None, help="HNSW efConstruction."),
     ef_search: int | None = typer.Option(None, help="HNSW efSearch."),
     ivf_nlist: int = typer.Option(0, help="IVF lists (0: chosen from the label count)."),
-    nprobe: int | None = typer.Option(None, help="IVF lists searched per query."),
+    nprobe: int | None = typer.Option(
+        None, help="IVF lists searched per query (default: max(64, lists / 25))."
+    ),
     seed: int = typer.Option(0, help="Seed of shards, splits, initialisation and batches."),
     out: Path | None = typer.Option(None, help="Run folder (default: $XMLGAME_HOME/runs/...)."),
     resume: Path | None = typer.Option(
