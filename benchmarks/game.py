@@ -168,12 +168,15 @@ def main() -> int:
     from xmlgame.dataset import load_dataset
     from xmlgame.train import TrainConfig
 
-    base = TrainConfig(epochs=args.epochs)
+    # sampled negatives only, as when results/game.md was made (benchmarks/shortlist.py
+    # measures mined ones)
+    base = TrainConfig(epochs=args.epochs, shortlist_k=0)
     settings = {"epochs": base.epochs, "batch_size": base.batch_size,
                 "encoder": base.encoder.kind, "dim": base.encoder.dim,
                 "alpha": base.game.alpha, "beta": base.game.beta,
                 "curiosity_targets": base.game.curiosity_targets,
-                "full_candidates_max": base.full_candidates_max, "negatives": base.negatives}
+                "full_candidates_max": base.full_candidates_max, "negatives": base.negatives,
+                "shortlist_k": base.shortlist_k}
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
     for name in args.datasets:
