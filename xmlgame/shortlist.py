@@ -39,8 +39,12 @@ the bag-of-words model), 1,000 test queries, recall@100 against exact search:
 
 The head vectors are the hard part: a tail label's bias (about -10.7) dwarfs its weights (norm
 about 0.2), so after the inner-product-to-cosine augmentation the tail labels sit in a tight
-bundle that a graph search leaves early. IVF scans whole cells and does not mind; it also builds
-in a fraction of HNSW's time (4.5 s against 7 s for both indexes there, M = 32).
+bundle that a graph search leaves early. IVF scans whole cells and copes better at this size; it
+also builds in less time (4.5 s against 7 s for both indexes there, M = 32). At the full
+670,091 labels neither copes with the heads: the IVF head index recalled 0.06 (0.14 with 256
+cells scanned) while the centroid index recalled 0.96, and P@5 through the approximate indexes
+fell to 23.6 from 33.5 with exact search (``benchmarks/results/scale.md``). A head index that
+works at that scale is still to be found.
 
 Conventions. ``search`` returns ``(scores, label_ids)``: float32 cosine similarities and int64
 label ids, both (B, K), best first. Queries and label vectors are normalised inside, so callers
@@ -306,7 +310,8 @@ class LabelIndex:
         return scores, label_ids
 
     def set_search_params(self, ef_search: int | None = None, nprobe: int | None = None) -> None:
-        """Change how hard searches look: ``ef_search`` for HNSW, ``nprobe`` for IVF.
+        """Change how hard searches look: ``ef_search`` for HNSW, ``nprobe`` for IVF (0: the
+        automatic value of :meth:`IndexConfig.resolved_nprobe`).
 
         Both are recorded in ``config`` (and saved with it); a parameter of another kind of
         index has no effect on this one.
