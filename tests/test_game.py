@@ -160,17 +160,32 @@ def autograd_logit_gradients(world: World, config: GameConfig):
 def test_pair_gradient_matches_autograd_on_the_full_problem(config, candidates):
     world = make_world(seed=3, candidates=candidates)
     logits, d_phi, d_j = autograd_logit_gradients(world, config)
-    state = BatchState.start(logits.clone(), world.targets, world.rarity, world.pairs,
-                             world.players)
+    state = BatchState.start(logits.T.contiguous(), world.targets, world.rarity, world.pairs,
+                             world.players, config)
     for i, own in enumerate(world.pairs.player_slices):
-        closed = pair_logit_gradient(state, config, own)
+        closed = pair_logit_gradient(state, config, own).T
         assert closed.abs().sum() > 0
         torch.testing.assert_close(closed, d_j[i][:, own], rtol=1e-10, atol=1e-14)
-    closed_all = pair_logit_gradient(state, config, slice(None))
+    closed_all = pair_logit_gradient(state, config, slice(None)).T
     torch.testing.assert_close(closed_all, d_phi, rtol=1e-10, atol=1e-14)
-    with_slope = pair_logit_gradient(state, config, slice(None),
-                                     state.fused_slope(slice(None)))
-    torch.testing.assert_close(with_slope, d_phi, rtol=1e-12, atol=1e-16)
+
+
+@pytest.mark.parametrize("config", GAMES, ids=game_id)
+def test_pair_gradient_matches_autograd_where_probabilities_saturate(config):
+    """Logits far from 0 push probabilities past the clamp of R (1e-6 from 0 or 1), where R's
+    gradient is cut: the closed form must cut it on the same entries, single-owner or not."""
+    world = make_world(seed=4)
+    with torch.no_grad():
+        for table in world.players.tables:
+            table.weight.mul_(8.0)
+    logits, d_phi, _ = autograd_logit_gradients(world, config)
+    probs = torch.sigmoid(logits)
+    saturated = (probs < 1e-6) | (probs > 1 - 1e-6)
+    assert saturated.float().mean() > 0.2 and (~saturated).any()
+    state = BatchState.start(logits.T.contiguous(), world.targets, world.rarity, world.pairs,
+                             world.players, config)
+    closed = pair_logit_gradient(state, config, slice(None)).T
+    torch.testing.assert_close(closed, d_phi, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("config", GAMES, ids=game_id)
@@ -182,8 +197,8 @@ def test_fusion_gradient_matches_autograd(config):
     d_fusion = -grads(result.phi, [fusion])[0]
     pairs = world.pairs
     expected = d_fusion[pairs.labels[pairs.col], pairs.pos]  # (M,)
-    state = BatchState.start(world.logits().detach(), world.targets, world.rarity, pairs,
-                             world.players)
+    logits = world.logits().detach().T.contiguous()  # pair-major (M, B)
+    state = BatchState.start(logits, world.targets, world.rarity, pairs, world.players, config)
     closed = fusion_logit_gradient(state)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(closed, expected, rtol=1e-10, atol=1e-14)
@@ -196,18 +211,19 @@ def test_closed_form_follows_player_moves(config):
     """After :meth:`BatchState.replace`, the gradients are those of the updated logits."""
     world = make_world(seed=6)
     logits = world.logits().detach()
-    state = BatchState.start(logits.clone(), world.targets, world.rarity, world.pairs,
-                             world.players)
+    state = BatchState.start(logits.T.contiguous(), world.targets, world.rarity, world.pairs,
+                             world.players, config)
     own = world.pairs.player_slices[0]
-    moved = logits.clone()
-    moved[:, own] += torch.randn(B, own.stop - own.start, dtype=torch.float64)
-    state.replace(0, moved[:, own])
+    moved = logits.T.contiguous()  # pair-major (M, B)
+    moved[own] += torch.randn(own.stop - own.start, B, dtype=torch.float64)
+    state.replace(0, moved[own])
     fresh = BatchState.start(moved.clone(), world.targets, world.rarity, world.pairs,
-                             world.players)
-    torch.testing.assert_close(state.fused, fresh.fused, rtol=1e-12, atol=1e-14)
+                             world.players, config)
+    torch.testing.assert_close(state.probs, fresh.probs, rtol=1e-14, atol=1e-15)
     for select in [world.pairs.player_slices[1], slice(None)]:
         torch.testing.assert_close(pair_logit_gradient(state, config, select),
                                    pair_logit_gradient(fresh, config, select))
+    torch.testing.assert_close(fusion_logit_gradient(state), fusion_logit_gradient(fresh))
 
 
 # --------------------------------------------------------------------------------------------
@@ -236,8 +252,9 @@ def test_rare_false_negative_gets_more_curiosity_gradient():
     phi = grads(result.phi, [logits])[0][0]
     assert phi[0] > phi[1]
     # the closed form agrees
-    state = BatchState.start(logits.detach().clone(), targets, rarity, pairs, players)
-    closed = -pair_logit_gradient(state, config, slice(None))[0]
+    state = BatchState.start(logits.detach().T.contiguous(), targets, rarity, pairs, players,
+                             config)
+    closed = -pair_logit_gradient(state, config, slice(None))[:, 0]
     torch.testing.assert_close(closed, phi)
 
 
@@ -248,6 +265,7 @@ def test_without_curiosity_rarity_changes_nothing():
     phi = grads(result.phi, [logits])[0][0]
     assert phi[0] > 0
     assert phi[0] == phi[1]
-    state = BatchState.start(logits.detach().clone(), targets, rarity, pairs, players)
-    closed = pair_logit_gradient(state, config, slice(None))[0]
+    state = BatchState.start(logits.detach().T.contiguous(), targets, rarity, pairs, players,
+                             config)
+    closed = pair_logit_gradient(state, config, slice(None))[:, 0]
     assert closed[0] == closed[1]

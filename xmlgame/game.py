@@ -121,102 +121,192 @@ def payoffs(
 
 
 @dataclass
+class SharedPairs:
+    """The pairs of a batch whose label has two owners, in pair order (so each player's are a
+    block of them), with what their gradients need, gathered once per batch.
+
+    ``index`` (S,) are their pair ids and ``peer`` (S,) those of the other owner's pair, at
+    position ``peer_pos`` of ``index``; ``weight``/``peer_weight`` (S, 1) are the two fusion
+    weights, ``targets`` (S, B) the label's targets, ``curiosity`` (S, 1) the label's
+    ``alpha r_l / (B C)``.
+    """
+
+    index: torch.Tensor
+    peer: torch.Tensor
+    peer_pos: torch.Tensor
+    weight: torch.Tensor
+    peer_weight: torch.Tensor
+    targets: torch.Tensor
+    curiosity: torch.Tensor
+
+    def block(self, select: slice, n_pairs: int) -> slice:
+        """The shared pairs inside a slice of the M pairs, as a slice of this list."""
+        lo, hi, _ = select.indices(n_pairs)
+        bounds = torch.searchsorted(self.index, torch.tensor([lo, hi], device=self.index.device))
+        return slice(*bounds.tolist())
+
+
+@dataclass
 class BatchState:
     """What the cyclic schedule keeps of a batch while players move: no graph, just values.
 
-    ``logits``/``probs`` are (B, M) over pairs, ``fused`` the (B, C) fused probabilities before
-    clamping, ``weights`` the (M,) fusion weight of each pair; ``pair_targets`` (B, M) and
-    ``pair_rarity`` (M,) are the targets and rarity of each pair's label, gathered once so that
-    a player's slice of them is a view. After a player's step, :meth:`replace` updates its pairs
-    and the fused columns they feed. ``n_entries`` is the B x C that R and C_i divide by: the
-    batch's own, or the whole batch's when these rows are one process's part of it.
+    Everything here is pair-major, one row per pair and one column per document, so that a
+    player's pairs are a block of rows and gathering the pairs of some labels copies whole
+    rows: ``logits``/``probs`` are (M, B), ``pair_targets`` (M, B) the targets of each pair's
+    label; ``weights`` (M,) is the fusion weight of each pair, ``curiosity`` (M, 1) the
+    ``alpha r_l / (B C)`` of its label. After a player's step, :meth:`replace` updates its
+    rows. A label's fused probability is its owner's probability (one owner, weight 1) or the
+    fusion of the two (:class:`SharedPairs`), so it is computed where needed, not kept.
+    ``n_entries`` is the B x C that R and C_i divide by: the batch's own, or the whole batch's
+    when these documents are one process's part of it.
     """
 
     logits: torch.Tensor
     probs: torch.Tensor
-    fused: torch.Tensor
     weights: torch.Tensor
     pair_targets: torch.Tensor
-    pair_rarity: torch.Tensor
+    curiosity: torch.Tensor
+    shared: SharedPairs
     pairs: Pairs
     n_entries: int
 
     @classmethod
-    def start(cls, logits, targets, rarity, pairs: Pairs, players: Players,
+    def start(cls, logits, targets, rarity, pairs: Pairs, players: Players, config: GameConfig,
               n_entries: int | None = None) -> BatchState:
+        """From pair logits (M, B) (kept, and updated in place), targets (B, C), rarity (C,)."""
+        n_entries = targets.numel() if n_entries is None else n_entries
         with torch.no_grad():
             probs = torch.sigmoid(logits)
             weights = players.fusion_weights(pairs)
-            fused = probs.new_zeros(targets.shape).index_add_(1, pairs.col, probs * weights)
-        return cls(logits, probs, fused, weights, targets[:, pairs.col], rarity[pairs.col], pairs,
-                   targets.numel() if n_entries is None else n_entries)
+            pair_targets = targets.T.contiguous()[pairs.col]
+            curiosity = (rarity[pairs.col] * (config.alpha / n_entries))[:, None]
+            index = torch.nonzero(pairs.peer >= 0).squeeze(1)
+            peer = pairs.peer[index]
+            shared = SharedPairs(
+                index, peer, torch.searchsorted(index, peer), weights[index, None],
+                weights[peer, None], pair_targets[index], curiosity[index],
+            )
+        return cls(logits, probs, weights, pair_targets, curiosity, shared, pairs, n_entries)
 
     @torch.no_grad()
     def replace(self, player: int, logits: torch.Tensor) -> None:
+        """A player's new logits (M_i, B) on its pairs."""
         own = self.pairs.player_slices[player]
-        probs = torch.sigmoid(logits)
-        delta = (probs - self.probs[:, own]) * self.weights[own]
-        self.fused.index_add_(1, self.pairs.col[own], delta)
-        self.logits[:, own] = logits
-        self.probs[:, own] = probs
+        self.logits[own] = logits
+        torch.sigmoid(logits, out=self.probs[own])
 
     @torch.no_grad()
-    def fused_slope(self, select) -> torch.Tensor:
-        """dR/dp at the labels of the pairs ``select``, (B, |select|); 0 where p is clamped."""
-        raw = self.fused[:, self.pairs.col[select]]
-        fused = raw.clamp(EPS, 1 - EPS)
-        inside = fused == raw
-        slope = (self.pair_targets[:, select] - fused).div_(fused * (1 - fused))
-        return slope.mul_(inside).div_(self.n_entries)
+    def move_shared(self, player: int, weights: torch.Tensor, h: torch.Tensor) -> None:
+        """After a player's step, with its new rows ``weights`` (M_i, D + 1): the logits of its
+        pairs on labels with two owners, the only ones its peers' gradients read. Its other
+        pairs keep their old values until :meth:`refresh`."""
+        own = self.pairs.player_slices[player]
+        block = self.shared.block(own, self.pairs.n_pairs)
+        if block.stop == block.start:
+            return
+        rows = self.shared.index[block]
+        logits = pair_major_logits(weights[rows - own.start], h)
+        self.logits.index_copy_(0, rows, logits)
+        self.probs.index_copy_(0, rows, torch.sigmoid(logits))
+
+    @torch.no_grad()
+    def refresh(self, logits: torch.Tensor) -> None:
+        """Every pair's logits (M, B) anew, after the players' steps."""
+        self.logits = logits
+        self.probs = torch.sigmoid(logits)
+
+    @torch.no_grad()
+    def fused(self) -> torch.Tensor:
+        """The fused probabilities (C, B) of the batch's candidate labels, before clamping."""
+        fused = self.probs.new_zeros(self.pairs.labels.numel(), self.probs.shape[1])
+        return fused.index_add_(0, self.pairs.col, self.probs * self.weights[:, None])
+
+
+def pair_major_logits(weights: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Logits (M, B) of pairs with rows ``[w, b]`` (M, D + 1) on documents ``h`` (B, D)."""
+    return torch.addmm(weights[:, -1:], weights[:, :-1], h.T)
 
 
 @torch.no_grad()
-def pair_logit_gradient(
-    state: BatchState, config: GameConfig, select, slope_fused: torch.Tensor | None = None
-) -> torch.Tensor:
-    """d(-Phi)/dz for the pairs ``select`` (a slice of them), (B, |select|).
+def pair_logit_gradient(state: BatchState, config: GameConfig, select: slice) -> torch.Tensor:
+    """d(-Phi)/dz for the pairs ``select`` (a slice of them), pair-major (|select|, B).
 
     For a player's own pairs this is also d(-J_i)/dz: peers enter J_i only through sg, so the
     two differ by terms that do not depend on player i. It is the derivative autograd takes
     through :func:`payoffs` (a test checks it), computed without building a graph.
-    ``slope_fused`` is ``state.fused_slope(select)`` when the caller has it already.
+
+    Most labels have one owner, and for them the fused probability is the player's own (its
+    fusion weight is 1), so d(-R)/dz reduces to ``(pi - y) / (B C)`` where p is not clamped:
+    every pair is first given that cheap form, then the pairs of labels with two owners, which
+    depend on their peer, are overwritten with the general one (:func:`_shared_pair_gradient`).
     """
-    pairs = state.pairs
-    pi = state.probs[:, select]
+    pi = state.probs[select]
+    targets = state.pair_targets[select]
+    inside = (pi >= EPS) & (pi <= 1 - EPS)  # where the clamp of R leaves p alone
+    grad = pi - targets
+    scale = 1.0 / state.n_entries
+    if config.alpha == 0:
+        grad.mul_(inside).mul_(scale)
+    elif config.curiosity_targets == "positives":  # rarity-weighted loglik of positives only
+        grad.mul_(inside).mul_(scale).sub_(state.curiosity[select] * targets * (1 - pi))
+    else:  # rarity-weighted log-likelihood of every candidate
+        r = state.curiosity[select]
+        grad.mul_(torch.where(inside, r + scale, r))
+    block = state.shared.block(select, state.pairs.n_pairs)
+    if block.stop > block.start:
+        rows = state.shared.index[block] - (select.start or 0)
+        grad.index_copy_(0, rows, _shared_pair_gradient(state, config, block))
+    return grad
+
+
+def _fused_slope(state: BatchState, block: slice, pi: torch.Tensor, peer: torch.Tensor):
+    """d(-R)/dp (rows, B) at the labels of the shared pairs ``block``, from their owners'
+    probabilities; 0 where p is clamped."""
+    shared = state.shared
+    raw = pi * shared.weight[block] + peer * shared.peer_weight[block]
+    fused = raw.clamp(EPS, 1 - EPS)
+    slope = (fused - shared.targets[block]).div_(fused * (1 - fused))
+    return slope.mul_(fused == raw).div_(state.n_entries)
+
+
+def _shared_pair_gradient(state: BatchState, config: GameConfig, block: slice) -> torch.Tensor:
+    """d(-Phi)/dz (pair-major) for the shared pairs ``block`` (a slice of
+    :class:`SharedPairs`): R through the fused probability, the log-likelihood and the
+    disagreement with the peer."""
+    shared = state.shared
+    pi = state.probs[shared.index[block]]
+    peer = state.probs[shared.peer[block]]
     slope = pi * (1 - pi)  # dpi/dz
-    if slope_fused is None:
-        slope_fused = state.fused_slope(select)
-    grad = slope_fused * state.weights[select] * slope  # dR/dz
+    grad = _fused_slope(state, block, pi, peer).mul_(shared.weight[block]).mul_(slope)
     if config.alpha > 0:
-        targets = state.pair_targets[:, select]
-        r = state.pair_rarity[select] * (config.alpha / state.n_entries)
+        targets = shared.targets[block]
+        r = shared.curiosity[block]
         if config.curiosity_targets == "positives":
-            grad += r * targets * (1 - pi)  # rarity-weighted log-likelihood of positives
+            grad -= r * targets * (1 - pi)
         else:
-            grad += r * (targets - pi)  # rarity-weighted log-likelihood
-        shared, peers = pairs.overlap(select)
-        if config.beta > 0 and shared.numel():
-            diff = pi.index_select(1, shared) - state.probs.index_select(1, peers)
+            grad += r * (pi - targets)
+        if config.beta > 0:
+            diff = pi - peer
             d = 2 * diff if config.divergence == "squared" else torch.sign(diff)
-            push = config.beta * r[shared] * d * slope.index_select(1, shared)
-            grad.index_add_(1, shared, push)
-    return -grad
+            grad -= (config.beta * r) * d * slope
+    return grad
 
 
 @torch.no_grad()
-def fusion_logit_gradient(
-    state: BatchState, slope_fused: torch.Tensor | None = None
-) -> torch.Tensor:
+def fusion_logit_gradient(state: BatchState) -> torch.Tensor:
     """d(-Phi)/d(fusion logits) of each pair, (M,): only R depends on fusion.
 
     With ``a = softmax`` over a label's owners and ``g_m = dR/da_m``, the logit gradient is
-    ``a_m (g_m - sum_o a_o g_o)``; single-owner labels get zero. ``slope_fused`` is
-    ``state.fused_slope(slice(None))`` when the caller has it already.
+    ``a_m (g_m - sum_o a_o g_o)``; single-owner labels (``a = 1``) get zero, so only the pairs
+    of labels with two owners are computed.
     """
-    pairs = state.pairs
-    if slope_fused is None:
-        slope_fused = state.fused_slope(slice(None))
-    g = (slope_fused * state.probs).sum(0)  # (M,)
-    ag = state.weights * g
-    per_label = ag.new_zeros(pairs.labels.numel()).index_add_(0, pairs.col, ag)
-    return -(ag - state.weights * per_label[pairs.col])
+    shared = state.shared
+    grad = state.weights.new_zeros(state.pairs.n_pairs)
+    if shared.index.numel() == 0:
+        return grad
+    every = slice(0, shared.index.numel())
+    pi = state.probs[shared.index]
+    minus_g = (_fused_slope(state, every, pi, state.probs[shared.peer]) * pi).sum(1)  # -g_m
+    a = shared.weight[:, 0]
+    minus_ag = a * minus_g
+    return grad.index_copy_(0, shared.index, minus_ag - a * (minus_ag + minus_ag[shared.peer_pos]))

@@ -63,7 +63,14 @@ import torch
 
 from xmlgame.distributed import SINGLE, Communicator, cpu_tensors, split_sizes
 from xmlgame.errors import XmlgameError
-from xmlgame.game import BatchState, Payoffs, fusion_logit_gradient, pair_logit_gradient, payoffs
+from xmlgame.game import (
+    BatchState,
+    Payoffs,
+    fusion_logit_gradient,
+    pair_logit_gradient,
+    pair_major_logits,
+    payoffs,
+)
 from xmlgame.optim import set_row_gradient, step_table_rows
 
 PREDICT_BATCH = 512  # documents per prediction batch (validation and test)
@@ -365,10 +372,10 @@ def label_parallel_step(model, opt, parts, pairs, targets, rarity, game, probe,
     own = players.pairs_of(pairs, held)
     with torch.no_grad():
         weights = {i: players.tables[i](pairs.player_rows[i]) for i in held}  # (M_i, D + 1)
-        mine = [h @ w[:, :-1].T + w[:, -1] for w in weights.values()]
-        mine = torch.cat(mine, 1) if mine else h.new_zeros(h.shape[0], 0)  # (B, M_own)
-        logits = comm.all_gather_rows(mine.T.contiguous()).T.contiguous()  # (B, M)
-    state = BatchState.start(logits, targets, rarity, pairs, players)
+        mine = [pair_major_logits(w, h) for w in weights.values()]
+        mine = torch.cat(mine) if mine else h.new_zeros(0, h.shape[0])  # (M_own, B)
+        logits = comm.all_gather_rows(mine)  # (M, B)
+    state = BatchState.start(logits, targets, rarity, pairs, players, game)
 
     # players: the holder of each takes its step on the whole batch and broadcasts its logits
     for i in range(players.n_players):
@@ -377,27 +384,26 @@ def label_parallel_step(model, opt, parts, pairs, targets, rarity, game, probe,
             continue
         holder = parallel.holder(i)
         if comm.rank == holder:
-            grad_rows = pair_logit_gradient(state, game, span).T @ h1  # (M_i, D + 1)
+            grad_rows = pair_logit_gradient(state, game, span) @ h1  # (M_i, D + 1)
             rows = pairs.player_rows[i]
             if probe is not None:
                 probe.record(i, rows, grad_rows.norm(dim=1))
             weights[i] = step_table_rows(opt.players[i], players.tables[i], rows, grad_rows)
             with torch.no_grad():
-                new = h @ weights[i][:, :-1].T + weights[i][:, -1]  # (B, M_i)
+                new = pair_major_logits(weights[i], h)  # (M_i, B)
         else:
-            new = h.new_empty(h.shape[0], span.stop - span.start)
+            new = h.new_empty(span.stop - span.start, h.shape[0])
         state.replace(i, comm.broadcast_(new, holder))
 
     # encoder: dL/dh summed over the processes' players; fusion: the same step everywhere
-    slope_fused = state.fused_slope(slice(None))  # (B, M)
-    grad_own = pair_logit_gradient(state, game, own, slope_fused[:, own])  # (B, M_own)
+    grad_own = pair_logit_gradient(state, game, own)  # (M_own, B)
     w_own = torch.cat([weights[i] for i in held]) if len(held) else h.new_zeros(0, h.shape[1] + 1)
-    grad_h = comm.all_reduce_(grad_own @ w_own[:, :-1])  # (B, D)
+    grad_h = comm.all_reduce_(grad_own.T @ w_own[:, :-1])  # (B, D)
     for o in [opt.fusion] + opt.encoder:
         o.zero_grad(set_to_none=True)
     encoded.backward(grad_h[share.rows])
     fusion_rows = torch.zeros(pairs.labels.numel(), 2, device=h.device).index_put_(
-        (pairs.col, pairs.pos), fusion_logit_gradient(state, slope_fused)
+        (pairs.col, pairs.pos), fusion_logit_gradient(state)
     )
     set_row_gradient(players.fusion, pairs.labels, fusion_rows)
     encoder = model.encoder
@@ -407,4 +413,4 @@ def label_parallel_step(model, opt, parts, pairs, targets, rarity, game, probe,
     if probe is None:
         return None
     with torch.no_grad():
-        return payoffs(state.logits, targets, rarity, pairs, players, game)
+        return payoffs(state.logits.T, targets, rarity, pairs, players, game)

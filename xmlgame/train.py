@@ -42,6 +42,7 @@ from xmlgame.game import (
     GameConfig,
     fusion_logit_gradient,
     pair_logit_gradient,
+    pair_major_logits,
     payoffs,
 )
 from xmlgame.metrics import TopK, compute_metrics
@@ -387,29 +388,29 @@ def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, ga
     with torch.no_grad():
         # each player's candidate rows, gathered once and kept current through its step
         weights = [players.tables[i](pairs.player_rows[i]) for i in range(players.n_players)]
-        logits = torch.cat([hd @ w[:, :-1].T + w[:, -1] for w in weights], 1)  # (B, M)
-    state = BatchState.start(logits, targets, rarity, pairs, players, n_entries)
+        logits = pair_major_logits(torch.cat(weights), hd)  # (M, B)
+    state = BatchState.start(logits, targets, rarity, pairs, players, game, n_entries)
     for i in range(players.n_players):
         own = pairs.player_slices[i]
         if opt.players[i] is None or own.stop == own.start:
             continue
-        grad_rows = pair_logit_gradient(state, game, own).T @ h1  # (M_i, D + 1)
+        grad_rows = pair_logit_gradient(state, game, own) @ h1  # (M_i, D + 1)
         comm.all_reduce_(grad_rows)  # data-parallel: the whole batch's
         rows = pairs.player_rows[i]
         if probe is not None:
             probe.record(i, rows, grad_rows.norm(dim=1))
         weights[i] = step_table_rows(opt.players[i], players.tables[i], rows, grad_rows)
-        with torch.no_grad():
-            state.replace(i, hd @ weights[i][:, :-1].T + weights[i][:, -1])
+        state.move_shared(i, weights[i], hd)  # what the next players' gradients read
 
     # encoder and fusion: a step on Phi with every player's fresh logits
-    slope_fused = state.fused_slope(slice(None))  # dR/dp at every pair's label, (B, M)
-    grad_logits = pair_logit_gradient(state, game, slice(None), slope_fused)  # (B, M)
     weights = torch.cat(weights)  # (M, D + 1), after the players' steps
+    with torch.no_grad():
+        state.refresh(pair_major_logits(weights, hd))
+    grad_logits = pair_logit_gradient(state, game, slice(None))  # (M, B)
     for o in [opt.fusion] + opt.encoder:
         o.zero_grad(set_to_none=True)
-    encoded.backward(grad_logits @ weights[:, :-1])
-    fusion_grad = comm.all_reduce_(fusion_logit_gradient(state, slope_fused))  # (M,)
+    encoded.backward(grad_logits.T @ weights[:, :-1])
+    fusion_grad = comm.all_reduce_(fusion_logit_gradient(state))  # (M,)
     fusion_rows = torch.zeros(pairs.labels.numel(), 2, device=hd.device).index_put_(
         (pairs.col, pairs.pos), fusion_grad
     )
@@ -421,7 +422,7 @@ def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, ga
     if probe is None:
         return None
     with torch.no_grad():
-        result = payoffs(state.logits, targets, rarity, pairs, players, game, n_entries)
+        result = payoffs(state.logits.T, targets, rarity, pairs, players, game, n_entries)
     return share.sum_payoffs(result)
 
 
