@@ -13,8 +13,10 @@ it, each stage a child process whose peak RSS is read from ``os.wait4``:
 3. a prediction child (this script with ``--child``): loads the run, streams the test texts
    through ``predict_stream`` and scores them; times ``model.predict([text])`` one document at
    a time (p50, p99) with its parts (featurize, encoder, index search, scoring); measures the
-   index's recall@K against exact search over the same label vectors, and P@5 through the
-   approximate index against an exact (flat) one on a sample of test documents; and times the
+   index's recall@K against exact search over the same label vectors (and that of a head
+   index built for the purpose when the run holds none, to show why it holds none), and P@k
+   on a sample of test documents through the approximate index, an exact (flat) one, the
+   approximate index without the frequent labels, and scoring every label; and times the
    transformer encoder alone on single texts, for comparison.
 
 Writes ``scale.json`` and ``scale.md`` (with the memory model: bytes per label and per
@@ -150,13 +152,20 @@ def child(run_dir: Path, dataset_path: Path, out: Path, latency_docs: int,
     shortlister = model.shortlister
     vectors = {name: index.index.reconstruct_n(0, index.n_labels)
                for name, index in shortlister.indexes().items()}
+    probed = dict(shortlister.indexes())
+    if "heads" not in probed:  # not used at this size by default; measured to show why
+        from xmlgame.mining import head_vectors
+
+        heads = head_vectors(model)
+        probed["heads (not used)"] = LabelIndex.build(heads, IndexConfig())
+        vectors["heads (not used)"] = heads
     docs = rng.choice(n_test, size=min(recall_docs, n_test), replace=False)
     features = model.featurize([texts[int(i)] for i in docs], progress=False)
     h = encode_all(model, features)
     k = model.shortlist_k
     results["recall"] = {"docs": len(docs), "k": k, "index": shortlister.kind}
-    for name, index in shortlister.indexes().items():
-        queries = head_queries(h) if name == "heads" else h
+    for name, index in probed.items():
+        queries = head_queries(h) if name.startswith("heads") else h
         start = time.perf_counter()
         _, approx = index.search(queries, k)
         approx_seconds = time.perf_counter() - start
@@ -189,12 +198,26 @@ def child(run_dir: Path, dataset_path: Path, out: Path, latency_docs: int,
     Y = dataset.test.Y[docs]  # noqa: N806
     approximate = metrics_of(model.predict_features(features, k=5), Y)
     model.shortlister = Shortlister(**{
-        name: LabelIndex.build(v, IndexConfig(kind="flat")) for name, v in vectors.items()
+        name: LabelIndex.build(vectors[name], IndexConfig(kind="flat"))
+        for name in shortlister.indexes()
     })
     exact_metrics = metrics_of(model.predict_features(features, k=5), Y)
     model.shortlister = shortlister
-    results["approximate_vs_exact"] = {"docs": len(docs), "approximate": approximate,
-                                       "exact": exact_metrics}
+    frequent, model.frequent_labels = model.frequent_labels, None
+    without_frequent = metrics_of(model.predict_features(features, k=5), Y)
+    model.frequent_labels = frequent
+    model.shortlister = None  # every label scored, in blocks
+    start = time.perf_counter()
+    every_label = metrics_of(model.predict_features(features, k=5), Y)
+    every_seconds = time.perf_counter() - start
+    model.shortlister = shortlister
+    results["approximate_vs_exact"] = {
+        "docs": len(docs), "frequent_labels": 0 if frequent is None else len(frequent),
+        "approximate": approximate, "exact": exact_metrics,
+        "approximate_without_frequent": without_frequent,
+        "every_label": every_label, "every_label_ms_per_doc": round(
+            1000 * every_seconds / len(docs), 2),
+    }
     print("approximate vs exact", results["approximate_vs_exact"], flush=True)
 
     # the transformer encoder's own single-text time, for comparison
@@ -371,7 +394,9 @@ def report(r: dict) -> str:
         f"{r['config']['encoder']['dim']}), N = {r['config']['players']}, rho = "
         f"{r['config']['overlap']}, batch {r['config']['batch_size']}, "
         f"{r['config']['shortlist_k']} mined + {r['config']['negatives']} sampled negatives "
-        f"per batch, shortlist {r['config']['predict_shortlist']} at prediction.",
+        f"per batch, shortlist {r['config']['predict_shortlist']} per index at prediction"
+        + (f" + the {r['config']['shortlist_frequent']:,} labels most frequent in training"
+           if r["config"].get("shortlist_frequent") else "") + ".",
         "",
         "| stage | wall s | peak RSS MiB | throughput |",
         "|---|---:|---:|---|",
@@ -433,13 +458,24 @@ def report(r: dict) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     t = p["test_prediction"]
-    lines.append(f"| whole test set, {t['index']} index | {t['p@1']} | {t['p@3']} | {t['p@5']} | "
-                 f"{t['psp@1']} | {t['psp@5']} |")
     ave = p["approximate_vs_exact"]
-    for name in ("approximate", "exact"):
-        v = ave[name]
-        lines.append(f"| {ave['docs']} test documents, {name} index | {v['p@1']} | {v['p@3']} | "
-                     f"{v['p@5']} | {v['psp@1']} | {v['psp@5']} |")
+    frequent = ave.get("frequent_labels", 0)
+    lines.append(f"| whole test set, {t['index']} index"
+                 f"{f' + {frequent} frequent labels' if frequent else ''} | {t['p@1']} | "
+                 f"{t['p@3']} | {t['p@5']} | {t['psp@1']} | {t['psp@5']} |")
+    rows = {
+        "approximate": f"approximate index{f' + {frequent} frequent labels' if frequent else ''}",
+        "exact": f"exact index{f' + {frequent} frequent labels' if frequent else ''}",
+        "approximate_without_frequent": "approximate index alone",
+        "every_label": "every label scored"
+        + (f" ({ave['every_label_ms_per_doc']} ms per document)"
+           if "every_label_ms_per_doc" in ave else ""),
+    }
+    for name, label in rows.items():
+        if name in ave:
+            v = ave[name]
+            lines.append(f"| {ave['docs']} test documents, {label} | {v['p@1']} | {v['p@3']} | "
+                         f"{v['p@5']} | {v['psp@1']} | {v['psp@5']} |")
     mem = r["memory"]
     lines += [
         "",

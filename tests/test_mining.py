@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import xmlgame.train as train_module
 from xmlgame.dataset import DatasetWriter, PreparedDataset
 from xmlgame.encoders import EncoderConfig
-from xmlgame.mining import Shortlister, encode_all, refresh
+from xmlgame.mining import Shortlister, encode_all, frequent_labels, refresh
 from xmlgame.model import load
 from xmlgame.runs import predict_stream
 from xmlgame.shortlist import IndexConfig
@@ -26,6 +26,7 @@ def shortlist_config(**changes) -> TrainConfig:
         players=3, overlap=0.34, encoder=EncoderConfig(dim=32, min_df=1), epochs=8,
         batch_size=16, lr_players=0.01, val_fraction=0.4,
         full_candidates_max=3, negatives=1, shortlist_k=3, predict_shortlist=4,
+        shortlist_frequent=0,
     )
     settings.update(changes)
     return TrainConfig(**settings)
@@ -44,8 +45,16 @@ def shortlisted(tmp_path_factory):
     root = tmp_path_factory.mktemp("mining")
     dataset = write_toy(root / "toy")
     run_dir = root / "run"
-    results = train(dataset, shortlist_config(patience=100), run_dir, progress=False)
+    results = train(dataset, shortlist_config(patience=100, shortlist_frequent=2), run_dir,
+                    progress=False)
     return dataset, run_dir, results
+
+
+def load_listing_only(run_dir):
+    """The run's model, predicting through its label indexes alone (no frequent labels)."""
+    model = load(run_dir)
+    model.frequent_labels = None
+    return model
 
 
 def test_a_run_on_mined_negatives_learns_and_saves_its_index(shortlisted):
@@ -63,6 +72,9 @@ def test_a_run_on_mined_negatives_learns_and_saves_its_index(shortlisted):
     assert len(log) == 8 and "refresh_mine_seconds" not in log[-1]  # none after the last
     model = load(run_dir)
     assert model.shortlisting and model.shortlist_k == 4
+    saved = np.load(run_dir / "frequent_labels.npy")
+    assert len(saved) == 2 and len(set(saved.tolist())) == 2
+    np.testing.assert_array_equal(model.frequent_labels, saved)
 
 
 def test_shortlist_prediction_equals_exhaustive_when_it_lists_every_label(shortlisted):
@@ -83,7 +95,7 @@ def test_a_short_shortlist_scores_only_its_labels(shortlisted):
     """Three of six labels listed, three predicted: the same three, reordered by the players;
     asking for more labels than the shortlist holds widens it to k."""
     dataset, run_dir, _ = shortlisted
-    model = load(run_dir)
+    model = load_listing_only(run_dir)
     model.shortlister = Shortlister(centroids=model.shortlister.centroids)
     model.shortlist_k = 3
     features = model.featurize(list(dataset.test.texts), progress=False)
@@ -92,6 +104,46 @@ def test_a_short_shortlist_scores_only_its_labels(shortlisted):
     for row, ids in enumerate(prediction.label_ids):
         assert set(ids) == set(listed[row])
     assert (model.predict_features(features, k=5).label_ids >= 0).all()
+
+
+def test_the_frequent_labels_are_scored_besides_each_shortlist(shortlisted):
+    """One label listed per document, and one frequent label: the model scores those two."""
+    dataset, run_dir, _ = shortlisted
+    model = load(run_dir)
+    model.shortlister = Shortlister(centroids=model.shortlister.centroids)
+    h = torch.from_numpy(encode_all(model, model.featurize(list(dataset.test.texts),
+                                                           progress=False)))
+    _, listed = model.shortlister.centroids.search(h, 1)
+    frequent = int(model.frequent_labels[0])
+    model.frequent_labels = np.array([frequent])
+    assert (listed[:, 0] != frequent).any()  # some documents get a label they did not list
+    for row, ids in enumerate(model.shortlist(h, 1)):
+        assert set(ids[ids >= 0].tolist()) == {int(listed[row, 0]), frequent}
+    model.shortlist_k = 1  # predicting k labels lists k per index, then adds the frequent
+    features = model.featurize(list(dataset.test.texts), progress=False)
+    prediction = model.predict_features(features, k=2)
+    for ids, scored in zip(prediction.label_ids, model.shortlist(h, 2)):
+        assert set(ids.tolist()) <= set(scored.tolist()) - {-1}
+    assert (prediction.label_ids == frequent).any()
+
+
+def test_frequent_labels_by_hand():
+    counts = np.array([3, 0, 7, 3, 1, 7])
+    np.testing.assert_array_equal(frequent_labels(counts, 4), [2, 5, 0, 3])
+    np.testing.assert_array_equal(frequent_labels(counts, 10), [2, 5, 0, 3, 4])  # 1 unseen
+    assert frequent_labels(counts, 0).size == 0
+
+
+@pytest.mark.parametrize(("kind", "vectors", "expected"), [
+    ("flat", "auto", "both"), ("hnsw", "auto", "centroids"), ("ivf", "auto", "centroids"),
+    ("hnsw", "heads", "heads"), ("flat", "centroids", "centroids"),
+])
+def test_auto_index_vectors_drop_the_heads_once_the_index_is_approximate(
+        shortlisted, tmp_path, kind, vectors, expected):
+    dataset = PreparedDataset(shortlisted[0].path)
+    config = shortlist_config(index=IndexConfig(kind=kind), index_vectors=vectors)
+    trainer = train_module.Trainer(dataset, config, tmp_path, progress=False)
+    assert trainer.index_vectors() == expected
 
 
 def test_the_head_index_lists_what_the_players_rank_first(shortlisted):

@@ -173,9 +173,14 @@ def train(
     shortlist_weight: float = typer.Option(
         0.0, help="Weight in [0, 1] of the index's similarity in prediction scores."
     ),
+    shortlist_frequent: int = typer.Option(
+        1000, help="The labels most frequent in training scored for every document at "
+        "prediction, besides its shortlist (0: none)."
+    ),
     index_vectors: str = typer.Option(
-        "both", help="What the label index holds: centroids (mean document embedding), heads "
-        "(the players' weights), or both, their shortlists joined."
+        "auto", help="What the label index holds: centroids (mean document embedding), heads "
+        "(the players' weights), both, their shortlists joined, or auto (both while the index "
+        "is exact, centroids once it is approximate)."
     ),
     index: str = typer.Option(
         "auto", help="Label index: flat (exact), hnsw, ivf, or auto (flat up to 50,000 "
@@ -233,7 +238,8 @@ def train(
             encoder=encoder, transformer=transformer, finetune=finetune, dim=dim,
             epochs=epochs, batch_size=batch_size, negatives=negatives, seed=seed,
             shortlist_k=shortlist_k, predict_shortlist=predict_shortlist,
-            shortlist_weight=shortlist_weight, index_vectors=index_vectors, index=index,
+            shortlist_weight=shortlist_weight, shortlist_frequent=shortlist_frequent,
+            index_vectors=index_vectors, index=index,
             hnsw_m=hnsw_m,
             ef_construction=ef_construction, ef_search=ef_search, ivf_nlist=ivf_nlist,
             nprobe=nprobe, **execution,

@@ -13,8 +13,16 @@ label indexes (:mod:`xmlgame.shortlist`). There are two, chosen with ``index_vec
   label; the centroid index alone misses many of those (on wordnet-hypernyms its top 100 held
   62% of the exhaustive top 5, the head index's top 100 all of them).
 
-``both`` (the default) joins the two lists. A *refresh* rebuilds the indexes from the model as
-it is now, in three timed stages:
+``both`` joins the two lists. The default, ``auto``, takes both while the index is exact (flat)
+and the centroids alone once it is approximate: a label's bias dominates its head vector, the
+vectors of the many rarely-seen labels are close to their random start, and neither IVF nor
+HNSW finds their exact top K (recall@100 below 0.5 at 670k labels after one epoch, against 0.96
+for the centroids: ``benchmarks/results/scale.md``). What the head index contributed there,
+the frequent labels a document is likely to carry, prediction gets from
+:attr:`~xmlgame.model.XmlModel.frequent_labels` instead: the most frequent training labels
+are scored for every document besides its shortlist (:func:`frequent_labels`).
+
+A *refresh* rebuilds the indexes from the model as it is now, in three timed stages:
 
 1. **encode**: one pass of the encoder (evaluation mode, no gradients) over the training
    documents;
@@ -150,6 +158,24 @@ def head_queries(h: np.ndarray) -> np.ndarray:
     return np.hstack([h, np.ones((n, 1), np.float32), np.zeros((n, 1), np.float32)])
 
 
+def frequent_labels(train_counts: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` labels with the most training documents, most frequent first (ties by id);
+    labels no training document has are left out. int64."""
+    seen = np.flatnonzero(train_counts > 0)
+    order = seen[np.argsort(-train_counts[seen], kind="stable")]
+    return order[:n].astype(np.int64)
+
+
+def join_label_lists(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-document label lists (each int64 (B, k_i), -1 for an empty slot) side by side, each
+    label kept once: sorted, with repeats set to -1."""
+    if len(parts) == 1:
+        return parts[0]
+    ids = np.sort(np.concatenate(parts, axis=1), axis=1)
+    ids[:, 1:][ids[:, 1:] == ids[:, :-1]] = -1
+    return ids
+
+
 class Shortlister:
     """The label shortlist of a model: an index of label centroids, of the players' heads, or
     both, whose per-document lists are joined.
@@ -185,11 +211,7 @@ class Shortlister:
             parts.append(self.centroids.search(h, k)[1])
         if self.heads is not None:
             parts.append(self.heads.search(head_queries(h), k)[1])
-        if len(parts) == 1:
-            return parts[0]
-        ids = np.sort(np.concatenate(parts, axis=1), axis=1)
-        ids[:, 1:][ids[:, 1:] == ids[:, :-1]] = -1
-        return ids
+        return join_label_lists(parts)
 
     def centroid_similarity(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cosine of each document with its listed labels' centroids, (B, K); 0 on empty slots."""

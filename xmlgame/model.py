@@ -10,6 +10,7 @@
     label_index.faiss    the label shortlist of those weights (+ .json), for label sets too
     head_index.faiss     large to score every label: label centroids and/or the players'
                          heads (see :mod:`xmlgame.mining`)
+    frequent_labels.npy  the labels scored for every document besides its shortlist
 
 Use :func:`load` and :meth:`XmlModel.predict`::
 
@@ -42,12 +43,14 @@ from xmlgame.encoders import (
     embedding_cache_key,
 )
 from xmlgame.errors import XmlgameError
-from xmlgame.mining import Shortlister
+from xmlgame.mining import Shortlister, join_label_lists
 from xmlgame.paths import home
 from xmlgame.players import Players
 from xmlgame.shards import Shards
 
 logger = logging.getLogger(__name__)
+
+FREQUENT_FILE = "frequent_labels.npy"
 
 
 @dataclass
@@ -84,6 +87,8 @@ class XmlModel(torch.nn.Module):
         self.shortlister: Shortlister | None = None
         self.shortlist_k = 0  # labels shortlisted per document by each index
         self.shortlist_weight = 0.0  # weight of the shortlist's similarity in the final score
+        # labels scored for every document besides its shortlist: the most frequent in training
+        self.frequent_labels: np.ndarray | None = None
 
     @property
     def n_labels(self) -> int:
@@ -153,8 +158,8 @@ class XmlModel(torch.nn.Module):
         """Top-k fused labels for featurized documents.
 
         With a shortlist (:attr:`shortlisting`), each document's ``shortlist_k`` nearest labels
-        in each label index are scored; otherwise every label is, in blocks of
-        ``label_block``.
+        in each label index are scored, and the :attr:`frequent_labels`; otherwise every label
+        is, in blocks of ``label_block``.
         """
         from tqdm.auto import tqdm
 
@@ -193,9 +198,17 @@ class XmlModel(torch.nn.Module):
             best_i = torch.gather(best_i, 1, order)
         return best_i, best_s
 
+    def shortlist(self, h: torch.Tensor, k: int) -> np.ndarray:
+        """The labels scored for each document (int64 (B, K), -1 on empty slots): each label
+        index's top ``k`` and the :attr:`frequent_labels`, each label once."""
+        found = self.shortlister.search(h, k)
+        if self.frequent_labels is not None and len(self.frequent_labels):
+            every = np.broadcast_to(self.frequent_labels, (len(found), len(self.frequent_labels)))
+            found = join_label_lists([found, every])
+        return found
+
     def _shortlist_batch(self, h: torch.Tensor, k: int) -> tuple:
-        labels = torch.from_numpy(self.shortlister.search(h, max(self.shortlist_k, k)))
-        labels = labels.to(h.device)
+        labels = torch.from_numpy(self.shortlist(h, max(self.shortlist_k, k))).to(h.device)
         score = self.players.predict_proba_each(h, labels)  # (B, K), -1 on empty slots
         if self.shortlist_weight > 0:
             w = self.shortlist_weight
@@ -234,8 +247,14 @@ class XmlModel(torch.nn.Module):
         tmp.replace(run_dir / "label_names.txt")
 
     def save_shortlister(self, run_dir: Path) -> None:
+        """The label indexes and the frequent labels scored besides them."""
         if self.shortlister is not None:
             self.shortlister.save(run_dir)
+        if self.frequent_labels is not None:
+            tmp = run_dir / "frequent_labels.npy.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, self.frequent_labels)
+            tmp.replace(run_dir / FREQUENT_FILE)
 
     def frozen_prefix(self) -> str | None:
         """State-dict prefix of weights loaded from the transformer's folder, not trained."""
@@ -317,6 +336,8 @@ def load(run_dir: str | Path, weights: str = "model.safetensors") -> XmlModel:
     if model.shortlister is not None:
         model.shortlist_k = run["config"].get("predict_shortlist", 0)
         model.shortlist_weight = run["config"].get("shortlist_weight", 0.0)
+        if (run_dir / FREQUENT_FILE).exists():
+            model.frequent_labels = np.load(run_dir / FREQUENT_FILE)
     names_path = run_dir / "label_names.txt"
     model.label_names = names_path.read_text(encoding="utf-8").split("\n")[:-1]
     model.run = run

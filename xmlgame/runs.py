@@ -30,7 +30,8 @@ def make_config(
     curiosity_targets: str, encoder: str,
     transformer: str | None, finetune: bool, dim: int, epochs: int, batch_size: int,
     negatives: int, seed: int, shortlist_k: int = 8, predict_shortlist: int = 100,
-    shortlist_weight: float = 0.0, index_vectors: str = "both", index: str = "auto",
+    shortlist_weight: float = 0.0, shortlist_frequent: int = 1000,
+    index_vectors: str = "auto", index: str = "auto",
     hnsw_m: int = 32,
     ef_construction: int | None = None, ef_search: int | None = None, ivf_nlist: int = 0,
     nprobe: int | None = None,
@@ -54,7 +55,7 @@ def make_config(
         players=players, overlap=overlap, epochs=epochs, batch_size=batch_size,
         negatives=negatives, seed=seed, shortlist_k=shortlist_k,
         predict_shortlist=predict_shortlist, shortlist_weight=shortlist_weight,
-        index_vectors=index_vectors,
+        shortlist_frequent=shortlist_frequent, index_vectors=index_vectors,
         index=IndexConfig(seed=seed, **index_settings), **execution,
     )
 

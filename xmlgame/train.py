@@ -46,7 +46,7 @@ from xmlgame.game import (
     payoffs,
 )
 from xmlgame.metrics import TopK, compute_metrics
-from xmlgame.mining import VECTORS, Shortlister
+from xmlgame.mining import VECTORS, Shortlister, frequent_labels
 from xmlgame.model import XmlModel, dataset_fingerprint, label_prior
 from xmlgame.optim import RowAdam, set_row_gradient, step_table_rows
 from xmlgame.parallel import (
@@ -87,7 +87,11 @@ class TrainConfig:
     shortlist_k: int = 8  # hard negatives mined per document from each index (0: none)
     predict_shortlist: int = 100  # labels scored per document at prediction (0: every label)
     shortlist_weight: float = 0.0  # weight of the centroid similarity in prediction scores
-    index_vectors: str = "both"  # label centroids, the players' heads, or both (see mining)
+    # the labels most frequent in training, scored for every document besides its shortlist
+    shortlist_frequent: int = 1000
+    # label centroids, the players' heads, or both (see mining); auto: both while the index is
+    # exact, centroids alone once it is approximate (the heads resist approximate search)
+    index_vectors: str = "auto"
     index: IndexConfig = field(default_factory=IndexConfig)
     val_fraction: float = 0.05
     val_max: int = 5_000
@@ -109,14 +113,17 @@ class TrainConfig:
             self.game = GameConfig(**self.game)
         if isinstance(self.index, dict):
             self.index = IndexConfig(**self.index)
-        if self.shortlist_k < 0 or self.predict_shortlist < 0 or self.negatives < 0:
+        if min(self.shortlist_k, self.predict_shortlist, self.negatives,
+               self.shortlist_frequent) < 0:
             raise XmlgameError(
-                "--shortlist-k, --predict-shortlist and --negatives must be >= 0, got "
-                f"{self.shortlist_k}, {self.predict_shortlist} and {self.negatives}"
+                "--shortlist-k, --predict-shortlist, --negatives and --shortlist-frequent must "
+                f"be >= 0, got {self.shortlist_k}, {self.predict_shortlist}, {self.negatives} "
+                f"and {self.shortlist_frequent}"
             )
-        if self.index_vectors not in VECTORS:
+        if self.index_vectors not in (*VECTORS, "auto"):
             raise XmlgameError(
-                f"--index-vectors {self.index_vectors!r}: choose one of {', '.join(VECTORS)}"
+                f"--index-vectors {self.index_vectors!r}: choose one of "
+                f"{', '.join(VECTORS)} or auto"
             )
         if not 0.0 <= self.shortlist_weight <= 1.0:
             raise XmlgameError(
@@ -579,6 +586,8 @@ class Trainer:
         if self.shortlisting:
             self.model.shortlist_k = config.predict_shortlist
             self.model.shortlist_weight = config.shortlist_weight
+            self.model.frequent_labels = frequent_labels(self.data.train_counts,
+                                                         config.shortlist_frequent)
         self.opt = Optimizers(self.model, config)
         self.parallel.attach(self.model)
         if self.comm.is_main:
@@ -635,6 +644,14 @@ class Trainer:
             "docs_per_second": round(self.n_train / seconds, 1),
         }
 
+    def index_vectors(self) -> str:
+        """What the label index holds, with ``auto`` resolved for this label count."""
+        vectors = self.config.index_vectors
+        if vectors == "auto":
+            exact = self.config.index.resolved_kind(self.dataset.n_labels) == "flat"
+            vectors = "both" if exact else "centroids"
+        return vectors
+
     def refresh_shortlist(self, initial: bool = False, last: bool = False) -> dict:
         """Rebuild the label indexes from the current model and mine new hard negatives.
 
@@ -645,7 +662,7 @@ class Trainer:
         """
         from xmlgame.mining import label_rows, refresh
 
-        vectors = self.config.index_vectors
+        vectors = self.index_vectors()
         if initial and vectors == "both":
             vectors = "centroids"
         # label-parallel: each label's fused row takes every process's players
