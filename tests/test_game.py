@@ -206,6 +206,25 @@ def test_fusion_gradient_matches_autograd(config):
     assert single.any() and torch.equal(closed[single], torch.zeros_like(closed[single]))
 
 
+@pytest.mark.parametrize("config", GAMES, ids=game_id)
+def test_batch_state_payoffs_equal_the_graph_ones(config):
+    """The pair-major payoffs the cyclic schedule logs equal :func:`payoffs`, also after a
+    player moved (its rows replaced)."""
+    world = make_world(seed=7)
+    logits = world.logits().detach()
+    state = BatchState.start(logits.T.contiguous(), world.targets, world.rarity, world.pairs,
+                             world.players, config)
+    own = world.pairs.player_slices[1]
+    moved = logits.T.contiguous()
+    moved[own] -= 1.5
+    state.replace(1, moved[own])
+    expected = payoffs(moved.T, world.targets, world.rarity, world.pairs, world.players, config)
+    found = state.payoffs(config)
+    for a, b in ((found.R, expected.R), (found.C, expected.C), (found.phi, expected.phi)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert config.alpha == 0 or (found.C != 0).all()
+
+
 @pytest.mark.parametrize("config", GAMES[:2], ids=game_id)
 def test_closed_form_follows_player_moves(config):
     """After :meth:`BatchState.replace`, the gradients are those of the updated logits."""

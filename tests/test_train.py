@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,9 +14,11 @@ from typer.testing import CliRunner
 
 import xmlgame.train as train_module
 from xmlgame.cli import app
-from xmlgame.encoders import EncoderConfig
-from xmlgame.game import GameConfig
+from xmlgame.encoders import EncoderConfig, batch_inputs
+from xmlgame.game import GameConfig, payoffs
 from xmlgame.model import load
+from xmlgame.optim import step_table_rows
+from xmlgame.parallel import BatchShare, EncoderPass
 from xmlgame.predictions import load_predictions
 from xmlgame.train import TrainConfig, Trainer, train
 
@@ -57,6 +60,37 @@ def test_tiny_run_learns_a_separable_set(toy, tmp_path, changes):
     log = read_log(tmp_path / "run")
     assert log[-1]["Phi"] > log[0]["Phi"]  # the potential rises
     assert log[-1]["val"]["p@1"] == 1.0
+
+
+@pytest.mark.parametrize("overlap", [0.34, 0.0])
+def test_the_cyclic_step_is_block_coordinate_ascent_on_the_players(toy, tmp_path, overlap):
+    """Each player steps on the gradient of its own J_i at the logits its predecessors left:
+    train_step's closed forms and shortcuts against plain autograd, one player at a time."""
+    (tmp_path / "run").mkdir()
+    trainer = Trainer(toy, toy_config(overlap=overlap), tmp_path / "run", progress=False)
+    trainer.setup()
+    rows = np.arange(16)
+    pairs, targets = trainer.candidates.select(trainer.data.Y_train[rows],
+                                               np.random.default_rng(0), rows)
+    assert (pairs.peer >= 0).any() == (overlap > 0)
+    model, opt = copy.deepcopy((trainer.model, trainer.opt))  # the same start, apart
+    before = [table.weight.detach().clone() for table in model.players.tables]
+    torch.manual_seed(0)
+    trainer.step(rows, pairs, targets, None)
+
+    torch.manual_seed(0)  # the same dropout draws
+    h = EncoderPass(model.encoder, batch_inputs(model.encoder, trainer.data.train, rows),
+                    BatchShare(len(rows))).h.detach()
+    rarity, game, players = trainer.rarity[pairs.labels], trainer.config.game, model.players
+    for i, table in enumerate(players.tables):
+        j = payoffs(players.logits(h, pairs), targets, rarity, pairs, players, game).J(
+            i, game.alpha)
+        (grad,) = torch.autograd.grad(-j, table.weight)
+        own = pairs.player_rows[i]
+        step_table_rows(opt.players[i], table, own, grad[own])
+    for stepped, expected, start in zip(trainer.model.players.tables, players.tables, before):
+        assert (stepped.weight != start).any()
+        torch.testing.assert_close(stepped.weight, expected.weight, rtol=1e-5, atol=1e-7)
 
 
 def test_untrained_model_does_not_score_perfectly(toy, tmp_path, monkeypatch):

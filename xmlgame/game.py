@@ -16,7 +16,7 @@ Peers enter ``C_i`` only through ``sg``, so the gradient of ``J_i`` with respect
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -123,12 +123,13 @@ def payoffs(
 @dataclass
 class SharedPairs:
     """The pairs of a batch whose label has two owners, in pair order (so each player's are a
-    block of them), with what their gradients need, gathered once per batch.
+    block of them), with the constants of their gradients, gathered once per batch.
 
     ``index`` (S,) are their pair ids and ``peer`` (S,) those of the other owner's pair, at
     position ``peer_pos`` of ``index``; ``weight``/``peer_weight`` (S, 1) are the two fusion
     weights, ``targets`` (S, B) the label's targets, ``curiosity`` (S, 1) the label's
-    ``alpha r_l / (B C)``.
+    ``alpha r_l / (B C)`` and ``push`` (S, 1) the factor of the disagreement term's gradient
+    (``2 beta`` or ``beta`` times ``curiosity``, squared or absolute).
     """
 
     index: torch.Tensor
@@ -138,12 +139,16 @@ class SharedPairs:
     peer_weight: torch.Tensor
     targets: torch.Tensor
     curiosity: torch.Tensor
+    push: torch.Tensor
+    _blocks: dict = field(default_factory=dict, repr=False)
 
     def block(self, select: slice, n_pairs: int) -> slice:
         """The shared pairs inside a slice of the M pairs, as a slice of this list."""
         lo, hi, _ = select.indices(n_pairs)
-        bounds = torch.searchsorted(self.index, torch.tensor([lo, hi], device=self.index.device))
-        return slice(*bounds.tolist())
+        if (lo, hi) not in self._blocks:
+            bounds = torch.searchsorted(self.index, torch.tensor([lo, hi]).to(self.index))
+            self._blocks[lo, hi] = slice(*bounds.tolist())
+        return self._blocks[lo, hi]
 
 
 @dataclass
@@ -153,17 +158,19 @@ class BatchState:
     Everything here is pair-major, one row per pair and one column per document, so that a
     player's pairs are a block of rows and gathering the pairs of some labels copies whole
     rows: ``logits``/``probs`` are (M, B), ``pair_targets`` (M, B) the targets of each pair's
-    label; ``weights`` (M,) is the fusion weight of each pair, ``curiosity`` (M, 1) the
-    ``alpha r_l / (B C)`` of its label. After a player's step, :meth:`replace` updates its
-    rows. A label's fused probability is its owner's probability (one owner, weight 1) or the
-    fusion of the two (:class:`SharedPairs`), so it is computed where needed, not kept.
-    ``n_entries`` is the B x C that R and C_i divide by: the batch's own, or the whole batch's
-    when these documents are one process's part of it.
+    label and ``targets`` (C, B) those of each label; ``weights`` (M,) is the fusion weight of
+    each pair, ``curiosity`` (M, 1) the ``alpha r_l / (B C)`` of its label. After a player's
+    step, :meth:`replace` (or :meth:`move_shared`, then :meth:`refresh`) updates its rows. A
+    label's fused probability is its owner's probability (one owner, weight 1) or the fusion of
+    the two (:class:`SharedPairs`), so it is computed where needed, not kept. ``n_entries`` is
+    the B x C that R and C_i divide by: the batch's own, or the whole batch's when these
+    documents are one process's part of it.
     """
 
     logits: torch.Tensor
     probs: torch.Tensor
     weights: torch.Tensor
+    targets: torch.Tensor
     pair_targets: torch.Tensor
     curiosity: torch.Tensor
     shared: SharedPairs
@@ -178,15 +185,18 @@ class BatchState:
         with torch.no_grad():
             probs = torch.sigmoid(logits)
             weights = players.fusion_weights(pairs)
-            pair_targets = targets.T.contiguous()[pairs.col]
+            targets = targets.T.contiguous()
+            pair_targets = targets[pairs.col]
             curiosity = (rarity[pairs.col] * (config.alpha / n_entries))[:, None]
             index = torch.nonzero(pairs.peer >= 0).squeeze(1)
             peer = pairs.peer[index]
+            push = curiosity[index] * (config.beta * (2 if config.divergence == "squared" else 1))
             shared = SharedPairs(
                 index, peer, torch.searchsorted(index, peer), weights[index, None],
-                weights[peer, None], pair_targets[index], curiosity[index],
+                weights[peer, None], pair_targets[index], curiosity[index], push,
             )
-        return cls(logits, probs, weights, pair_targets, curiosity, shared, pairs, n_entries)
+        return cls(logits, probs, weights, targets, pair_targets, curiosity, shared, pairs,
+                   n_entries)
 
     @torch.no_grad()
     def replace(self, player: int, logits: torch.Tensor) -> None:
@@ -218,8 +228,32 @@ class BatchState:
     @torch.no_grad()
     def fused(self) -> torch.Tensor:
         """The fused probabilities (C, B) of the batch's candidate labels, before clamping."""
-        fused = self.probs.new_zeros(self.pairs.labels.numel(), self.probs.shape[1])
+        fused = self.probs.new_zeros(self.targets.shape)
         return fused.index_add_(0, self.pairs.col, self.probs * self.weights[:, None])
+
+    @torch.no_grad()
+    def payoffs(self, config: GameConfig) -> Payoffs:
+        """R, each C_i and Phi of the current logits: :func:`payoffs` without a graph,
+        pair-major (a test checks that the two agree)."""
+        fused = self.fused().clamp_(EPS, 1 - EPS)
+        R = -F.binary_cross_entropy(fused, self.targets, reduction="sum") / self.n_entries  # noqa: N806
+        n_players = len(self.pairs.player_slices)
+        if config.alpha == 0:
+            return Payoffs(R, R.new_zeros(n_players), R)
+        loglik = -F.binary_cross_entropy_with_logits(self.logits, self.pair_targets,
+                                                     reduction="none")
+        if config.curiosity_targets == "positives":
+            loglik.mul_(self.pair_targets)
+        per_pair = loglik.sum(1)  # (M,)
+        shared = self.shared
+        if config.beta > 0 and shared.index.numel():
+            own, peer = self.probs[shared.index], self.probs[shared.peer]
+            disagree = divergence(own, peer, config.divergence).sum(1)
+            per_pair.index_add_(0, shared.index, config.beta * disagree)
+        per_pair.mul_(self.curiosity[:, 0])  # alpha r_l / (B C)
+        curiosity = torch.stack([per_pair[s].sum() for s in self.pairs.player_slices])
+        curiosity /= config.alpha
+        return Payoffs(R, curiosity, R + config.alpha * curiosity.sum())
 
 
 def pair_major_logits(weights: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -228,7 +262,8 @@ def pair_major_logits(weights: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pair_logit_gradient(state: BatchState, config: GameConfig, select: slice) -> torch.Tensor:
+def pair_logit_gradient(state: BatchState, config: GameConfig, select: slice,
+                        one_owner: torch.Tensor | None = None) -> torch.Tensor:
     """d(-Phi)/dz for the pairs ``select`` (a slice of them), pair-major (|select|, B).
 
     For a player's own pairs this is also d(-J_i)/dz: peers enter J_i only through sg, so the
@@ -237,21 +272,12 @@ def pair_logit_gradient(state: BatchState, config: GameConfig, select: slice) ->
 
     Most labels have one owner, and for them the fused probability is the player's own (its
     fusion weight is 1), so d(-R)/dz reduces to ``(pi - y) / (B C)`` where p is not clamped:
-    every pair is first given that cheap form, then the pairs of labels with two owners, which
-    depend on their peer, are overwritten with the general one (:func:`_shared_pair_gradient`).
+    every pair is first given that cheap form (:func:`one_owner_gradient`), then the pairs of
+    labels with two owners, which depend on their peer, are overwritten with the general one.
+    ``one_owner``: the cheap form of these rows, computed earlier (still right for a player
+    that has not moved since); it is completed in place and returned.
     """
-    pi = state.probs[select]
-    targets = state.pair_targets[select]
-    inside = (pi >= EPS) & (pi <= 1 - EPS)  # where the clamp of R leaves p alone
-    grad = pi - targets
-    scale = 1.0 / state.n_entries
-    if config.alpha == 0:
-        grad.mul_(inside).mul_(scale)
-    elif config.curiosity_targets == "positives":  # rarity-weighted loglik of positives only
-        grad.mul_(inside).mul_(scale).sub_(state.curiosity[select] * targets * (1 - pi))
-    else:  # rarity-weighted log-likelihood of every candidate
-        r = state.curiosity[select]
-        grad.mul_(torch.where(inside, r + scale, r))
+    grad = one_owner_gradient(state, config, select) if one_owner is None else one_owner
     block = state.shared.block(select, state.pairs.n_pairs)
     if block.stop > block.start:
         rows = state.shared.index[block] - (select.start or 0)
@@ -259,13 +285,30 @@ def pair_logit_gradient(state: BatchState, config: GameConfig, select: slice) ->
     return grad
 
 
+@torch.no_grad()
+def one_owner_gradient(state: BatchState, config: GameConfig, select: slice) -> torch.Tensor:
+    """d(-Phi)/dz (|select|, B) of the pairs ``select`` as if each label had one owner: exact
+    for those that do, whose gradient depends on nothing but their own logit."""
+    pi = state.probs[select]
+    targets = state.pair_targets[select]
+    inside = (pi >= EPS).logical_and_(pi <= 1 - EPS)  # where the clamp of R leaves p alone
+    grad = pi - targets
+    scale = 1.0 / state.n_entries
+    if config.alpha == 0:
+        return grad.mul_(inside).mul_(scale)
+    if config.curiosity_targets == "positives":  # rarity-weighted loglik of positives only
+        return grad.mul_(inside).mul_(scale).sub_(state.curiosity[select] * targets * (1 - pi))
+    # the rarity-weighted log-likelihood of every candidate: (pi - y)(r + inside / (B C))
+    return grad.mul_(inside.to(grad.dtype).mul_(scale).add_(state.curiosity[select]))
+
+
 def _fused_slope(state: BatchState, block: slice, pi: torch.Tensor, peer: torch.Tensor):
     """d(-R)/dp (rows, B) at the labels of the shared pairs ``block``, from their owners'
     probabilities; 0 where p is clamped."""
     shared = state.shared
-    raw = pi * shared.weight[block] + peer * shared.peer_weight[block]
+    raw = torch.addcmul(pi * shared.weight[block], peer, shared.peer_weight[block])
     fused = raw.clamp(EPS, 1 - EPS)
-    slope = (fused - shared.targets[block]).div_(fused * (1 - fused))
+    slope = (fused - shared.targets[block]).div_(torch.addcmul(fused, fused, fused, value=-1))
     return slope.mul_(fused == raw).div_(state.n_entries)
 
 
@@ -276,19 +319,20 @@ def _shared_pair_gradient(state: BatchState, config: GameConfig, block: slice) -
     shared = state.shared
     pi = state.probs[shared.index[block]]
     peer = state.probs[shared.peer[block]]
-    slope = pi * (1 - pi)  # dpi/dz
-    grad = _fused_slope(state, block, pi, peer).mul_(shared.weight[block]).mul_(slope)
+    slope = torch.addcmul(pi, pi, pi, value=-1)  # dpi/dz = pi (1 - pi)
+    grad = _fused_slope(state, block, pi, peer).mul_(shared.weight[block])
+    if config.alpha > 0 and config.beta > 0:  # R and the disagreement both scale with slope
+        diff = pi - peer
+        d = diff if config.divergence == "squared" else diff.sign_()
+        grad.addcmul_(d, shared.push[block], value=-1)
+    grad.mul_(slope)
     if config.alpha > 0:
         targets = shared.targets[block]
         r = shared.curiosity[block]
         if config.curiosity_targets == "positives":
-            grad -= r * targets * (1 - pi)
+            grad.addcmul_(targets * (1 - pi), r, value=-1)
         else:
-            grad += r * (pi - targets)
-        if config.beta > 0:
-            diff = pi - peer
-            d = 2 * diff if config.divergence == "squared" else torch.sign(diff)
-            grad -= (config.beta * r) * d * slope
+            grad.addcmul_(pi - targets, r)
     return grad
 
 

@@ -69,7 +69,6 @@ from xmlgame.game import (
     fusion_logit_gradient,
     pair_logit_gradient,
     pair_major_logits,
-    payoffs,
 )
 from xmlgame.optim import set_row_gradient, step_table_rows
 
@@ -412,5 +411,4 @@ def label_parallel_step(model, opt, parts, pairs, targets, rarity, game, probe,
         o.step()
     if probe is None:
         return None
-    with torch.no_grad():
-        return payoffs(state.logits.T, targets, rarity, pairs, players, game)
+    return state.payoffs(game)

@@ -41,6 +41,7 @@ from xmlgame.game import (
     BatchState,
     GameConfig,
     fusion_logit_gradient,
+    one_owner_gradient,
     pair_logit_gradient,
     pair_major_logits,
     payoffs,
@@ -397,11 +398,15 @@ def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, ga
         weights = [players.tables[i](pairs.player_rows[i]) for i in range(players.n_players)]
         logits = pair_major_logits(torch.cat(weights), hd)  # (M, B)
     state = BatchState.start(logits, targets, rarity, pairs, players, game, n_entries)
+    # the gradient of a one-owner pair depends on its own logit only, which stays as it is
+    # until its player moves: computed for every pair at once, completed player by player
+    one_owner = one_owner_gradient(state, game, slice(None))  # (M, B)
     for i in range(players.n_players):
         own = pairs.player_slices[i]
         if opt.players[i] is None or own.stop == own.start:
             continue
-        grad_rows = pair_logit_gradient(state, game, own) @ h1  # (M_i, D + 1)
+        grad = pair_logit_gradient(state, game, own, one_owner[own])  # (M_i, B)
+        grad_rows = grad @ h1  # (M_i, D + 1)
         comm.all_reduce_(grad_rows)  # data-parallel: the whole batch's
         rows = pairs.player_rows[i]
         if probe is not None:
@@ -428,9 +433,7 @@ def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, ga
         o.step()
     if probe is None:
         return None
-    with torch.no_grad():
-        result = payoffs(state.logits.T, targets, rarity, pairs, players, game, n_entries)
-    return share.sum_payoffs(result)
+    return share.sum_payoffs(state.payoffs(game))
 
 
 def trainable_parameters(model) -> tuple[list, list]:
