@@ -15,12 +15,12 @@ label indexes (:mod:`xmlgame.shortlist`). There are two, chosen with ``index_vec
 
 ``both`` joins the two lists. The default, ``auto``, takes both while the index is exact (flat)
 and the centroids alone once it is approximate: a label's bias dominates its head vector, the
-vectors of the many rarely-seen labels are close to their random start, and neither IVF nor
-HNSW finds their exact top K (recall@100 below 0.5 at 670k labels after one epoch, against 0.96
-for the centroids: ``benchmarks/results/scale.md``). What the head index contributed there,
-the frequent labels a document is likely to carry, prediction gets from
-:attr:`~xmlgame.model.XmlModel.frequent_labels` instead: the most frequent training labels
-are scored for every document besides its shortlist (:func:`frequent_labels`).
+vectors of the many rarely-seen labels are close to their random start, and approximate
+search does not find their exact top K (an IVF index of them recalls 0.11 of it at 670k labels
+after one epoch, against 0.95 for the centroids: ``benchmarks/results/scale.md``). What the
+head index contributed there, the frequent labels a document is likely to carry, prediction
+gets from :attr:`~xmlgame.model.XmlModel.frequent_labels` instead: the most frequent training
+labels are scored for every document besides its shortlist (:func:`frequent_labels`).
 
 A *refresh* rebuilds the indexes from the model as it is now, in three timed stages:
 
