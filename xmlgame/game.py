@@ -236,7 +236,8 @@ class BatchState:
         """R, each C_i and Phi of the current logits: :func:`payoffs` without a graph,
         pair-major (a test checks that the two agree)."""
         fused = self.fused().clamp_(EPS, 1 - EPS)
-        R = -F.binary_cross_entropy(fused, self.targets, reduction="sum") / self.n_entries  # noqa: N806
+        bce = F.binary_cross_entropy(fused, self.targets, reduction="sum")
+        R = -bce / self.n_entries  # noqa: N806
         n_players = len(self.pairs.player_slices)
         if config.alpha == 0:
             return Payoffs(R, R.new_zeros(n_players), R)

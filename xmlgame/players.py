@@ -46,17 +46,6 @@ class Pairs:
     def n_pairs(self) -> int:
         return self.col.numel()
 
-    def overlap(self, select: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """For the pairs in ``select``: positions (within it) of those with a peer, and the
-        peers' pair indices. Cached, as each batch asks once per player and once for all."""
-        cache = self.__dict__.setdefault("_overlap", {})
-        key = (select.start, select.stop)
-        if key not in cache:
-            peer = self.peer[select]
-            shared = torch.nonzero(peer >= 0).squeeze(1)
-            cache[key] = (shared, peer[shared])
-        return cache[key]
-
 
 class Players(nn.Module):
     """N sparse players over overlapping label shards, plus the per-label fusion logits."""
