@@ -326,6 +326,8 @@ def test_cli_train_writes_a_complete_run(small_toy, tmp_path):
         ("--encoder", "foo", "--encoder"),
         ("--alpha", "-1", "--alpha"),
         ("--epochs", "0", "--epochs"),
+        ("--shortlist-frequent", "-1", "--shortlist-frequent"),
+        ("--index-vectors", "weights", "--index-vectors"),
     ],
 )
 def test_cli_train_rejects_bad_values(small_toy, tmp_path, option, value, message):
