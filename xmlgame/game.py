@@ -207,17 +207,17 @@ class BatchState:
 
     @torch.no_grad()
     def move_shared(self, player: int, weights: torch.Tensor, h: torch.Tensor) -> None:
-        """After a player's step, with its new rows ``weights`` (M_i, D + 1): the logits of its
-        pairs on labels with two owners, the only ones its peers' gradients read. Its other
-        pairs keep their old values until :meth:`refresh`."""
+        """After a player's step, with its new rows ``weights`` (M_i, D + 1): the
+        probabilities of its pairs on labels with two owners, the only ones its peers'
+        gradients read. Its other pairs, and every logit, keep their old values until
+        :meth:`refresh`."""
         own = self.pairs.player_slices[player]
         block = self.shared.block(own, self.pairs.n_pairs)
         if block.stop == block.start:
             return
         rows = self.shared.index[block]
         logits = pair_major_logits(weights[rows - own.start], h)
-        self.logits.index_copy_(0, rows, logits)
-        self.probs.index_copy_(0, rows, torch.sigmoid(logits))
+        self.probs.index_copy_(0, rows, logits.sigmoid_())
 
     @torch.no_grad()
     def refresh(self, logits: torch.Tensor) -> None:

@@ -46,12 +46,13 @@ class RowAdam(torch.optim.Optimizer):
     def _update_rows(self, p, rows, g, group) -> torch.Tensor:
         beta1, beta2 = group["betas"]
         m, v, size = self._state(p, group)
-        m_rows = m.index_select(0, rows).mul_(beta1).add_(g, alpha=1 - beta1)
+        m_rows = m.index_select(0, rows).lerp_(g, 1 - beta1)
         v_rows = v.index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
         m.index_copy_(0, rows, m_rows)
         v.index_copy_(0, rows, v_rows)
-        update = m_rows.div_(v_rows.sqrt_().add_(group["eps"]))
-        new_rows = p.index_select(0, rows).sub_(update, alpha=size)
+        new_rows = p.index_select(0, rows).addcdiv_(
+            m_rows, v_rows.sqrt_().add_(group["eps"]), value=-size
+        )
         p.index_copy_(0, rows, new_rows)
         return new_rows
 
