@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import xmlgame.train as train_module
 from xmlgame.dataset import DatasetWriter, PreparedDataset
 from xmlgame.encoders import EncoderConfig
+from xmlgame.errors import XmlgameError
 from xmlgame.mining import Shortlister, encode_all, frequent_labels, refresh
 from xmlgame.model import load
 from xmlgame.runs import predict_stream
@@ -125,6 +126,26 @@ def test_the_frequent_labels_are_scored_besides_each_shortlist(shortlisted):
     for ids, scored in zip(prediction.label_ids, model.shortlist(h, 2)):
         assert set(ids.tolist()) <= set(scored.tolist()) - {-1}
     assert (prediction.label_ids == frequent).any()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"not a numpy file", "not a readable .npy file"),
+    (np.array([0, 9]), "distinct label ids below 6"),
+    (np.array([1, 1]), "distinct label ids below 6"),
+])
+def test_a_bad_frequent_labels_file_is_refused_by_name(shortlisted, tmp_path, content, message):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(shortlisted[1], run_dir)
+    path = run_dir / "frequent_labels.npy"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        np.save(path, content)
+    with pytest.raises(XmlgameError, match=message) as caught:
+        load(run_dir)
+    assert str(path) in str(caught.value)
 
 
 def test_frequent_labels_by_hand():

@@ -251,7 +251,7 @@ class XmlModel(torch.nn.Module):
         if self.shortlister is not None:
             self.shortlister.save(run_dir)
         if self.frequent_labels is not None:
-            tmp = run_dir / "frequent_labels.npy.tmp"
+            tmp = run_dir / f"{FREQUENT_FILE}.tmp"
             with open(tmp, "wb") as f:
                 np.save(f, self.frequent_labels)
             tmp.replace(run_dir / FREQUENT_FILE)
@@ -337,12 +337,30 @@ def load(run_dir: str | Path, weights: str = "model.safetensors") -> XmlModel:
         model.shortlist_k = run["config"].get("predict_shortlist", 0)
         model.shortlist_weight = run["config"].get("shortlist_weight", 0.0)
         if (run_dir / FREQUENT_FILE).exists():
-            model.frequent_labels = np.load(run_dir / FREQUENT_FILE)
+            model.frequent_labels = _load_frequent(run_dir / FREQUENT_FILE, model.n_labels)
     names_path = run_dir / "label_names.txt"
     model.label_names = names_path.read_text(encoding="utf-8").split("\n")[:-1]
     model.run = run
     model.eval()
     return model
+
+
+def _load_frequent(path: Path, n_labels: int) -> np.ndarray:
+    """A run's frequent labels: distinct label ids below ``n_labels``, or a clear error."""
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise XmlgameError(
+            f"{path} is not a readable .npy file ({error}); delete it to predict without "
+            "the frequent labels, or train the run again"
+        ) from None
+    if (labels.ndim != 1 or labels.dtype.kind not in "iu" or len(np.unique(labels)) != len(labels)
+            or (len(labels) and (labels.min() < 0 or labels.max() >= n_labels))):
+        raise XmlgameError(
+            f"{path} does not hold distinct label ids below {n_labels}; was it written by "
+            "another run? Delete it to predict without the frequent labels"
+        )
+    return labels.astype(np.int64)
 
 
 def dataset_fingerprint(dataset: PreparedDataset, split: str) -> str:
