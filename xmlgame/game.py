@@ -129,7 +129,9 @@ class SharedPairs:
     position ``peer_pos`` of ``index``; ``weight``/``peer_weight`` (S, 1) are the two fusion
     weights, ``targets`` (S, B) the label's targets, ``curiosity`` (S, 1) the label's
     ``alpha r_l / (B C)`` and ``push`` (S, 1) the factor of the disagreement term's gradient
-    (``2 beta`` or ``beta`` times ``curiosity``, squared or absolute).
+    (``2 beta`` or ``beta`` times ``curiosity``, squared or absolute). ``ahead`` are the pair
+    ids whose peer comes later in pair order, that is belongs to a later player: the pairs a
+    player's peers still read after it moved (in the cyclic schedule's order).
     """
 
     index: torch.Tensor
@@ -140,15 +142,18 @@ class SharedPairs:
     targets: torch.Tensor
     curiosity: torch.Tensor
     push: torch.Tensor
+    ahead: torch.Tensor
     _blocks: dict = field(default_factory=dict, repr=False)
 
-    def block(self, select: slice, n_pairs: int) -> slice:
-        """The shared pairs inside a slice of the M pairs, as a slice of this list."""
+    def block(self, select: slice, n_pairs: int, ids: str = "index") -> slice:
+        """The pairs of ``ids`` (``index`` or ``ahead``, both sorted) inside a slice of the M
+        pairs, as a slice of that list."""
         lo, hi, _ = select.indices(n_pairs)
-        if (lo, hi) not in self._blocks:
-            bounds = torch.searchsorted(self.index, torch.tensor([lo, hi]).to(self.index))
-            self._blocks[lo, hi] = slice(*bounds.tolist())
-        return self._blocks[lo, hi]
+        if (ids, lo, hi) not in self._blocks:
+            pair_ids = getattr(self, ids)
+            bounds = torch.searchsorted(pair_ids, torch.tensor([lo, hi]).to(pair_ids))
+            self._blocks[ids, lo, hi] = slice(*bounds.tolist())
+        return self._blocks[ids, lo, hi]
 
 
 @dataclass
@@ -176,6 +181,8 @@ class BatchState:
     shared: SharedPairs
     pairs: Pairs
     n_entries: int
+    # (pi, peer, fused slope) of every shared pair, kept until the probabilities change
+    _every_shared: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, logits, targets, rarity, pairs: Pairs, players: Players, config: GameConfig,
@@ -186,14 +193,15 @@ class BatchState:
             probs = torch.sigmoid(logits)
             weights = players.fusion_weights(pairs)
             targets = targets.T.contiguous()
-            pair_targets = targets[pairs.col]
+            pair_targets = targets.index_select(0, pairs.col)
             curiosity = (rarity[pairs.col] * (config.alpha / n_entries))[:, None]
             index = torch.nonzero(pairs.peer >= 0).squeeze(1)
             peer = pairs.peer[index]
             push = curiosity[index] * (config.beta * (2 if config.divergence == "squared" else 1))
             shared = SharedPairs(
                 index, peer, torch.searchsorted(index, peer), weights[index, None],
-                weights[peer, None], pair_targets[index], curiosity[index], push,
+                weights[peer, None], pair_targets.index_select(0, index), curiosity[index], push,
+                index[peer > index],
             )
         return cls(logits, probs, weights, targets, pair_targets, curiosity, shared, pairs,
                    n_entries)
@@ -204,26 +212,43 @@ class BatchState:
         own = self.pairs.player_slices[player]
         self.logits[own] = logits
         torch.sigmoid(logits, out=self.probs[own])
+        self._every_shared = None
 
     @torch.no_grad()
     def move_shared(self, player: int, weights: torch.Tensor, h: torch.Tensor) -> None:
         """After a player's step, with its new rows ``weights`` (M_i, D + 1): the
-        probabilities of its pairs on labels with two owners, the only ones its peers'
-        gradients read. Its other pairs, and every logit, keep their old values until
-        :meth:`refresh`."""
+        probabilities of its pairs that later players' gradients read (on labels it shares
+        with one of them). Its other pairs, and every logit, keep their old values until
+        :meth:`refresh`, so only a cyclic pass in player order may use this."""
         own = self.pairs.player_slices[player]
-        block = self.shared.block(own, self.pairs.n_pairs)
+        block = self.shared.block(own, self.pairs.n_pairs, "ahead")
         if block.stop == block.start:
             return
-        rows = self.shared.index[block]
-        logits = pair_major_logits(weights[rows - own.start], h)
+        rows = self.shared.ahead[block]
+        logits = pair_major_logits(weights.index_select(0, rows - own.start), h)
         self.probs.index_copy_(0, rows, logits.sigmoid_())
+        self._every_shared = None
 
     @torch.no_grad()
     def refresh(self, logits: torch.Tensor) -> None:
         """Every pair's logits (M, B) anew, after the players' steps."""
         self.logits = logits
         self.probs = torch.sigmoid(logits)
+        self._every_shared = None
+
+    def shared_terms(self, block: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pi, peer probability, d(-R)/dp of the label), each (rows, B), of the shared pairs
+        ``block``. Those of all of them are kept until the probabilities change, as the final
+        pass of a batch reads them twice (pair and fusion gradients)."""
+        every = block.start == 0 and block.stop == self.shared.index.numel()
+        if every and self._every_shared is not None:
+            return self._every_shared
+        pi = self.probs.index_select(0, self.shared.index[block])
+        peer = self.probs.index_select(0, self.shared.peer[block])
+        terms = pi, peer, _fused_slope(self, block, pi, peer)
+        if every:
+            self._every_shared = terms
+        return terms
 
     @torch.no_grad()
     def fused(self) -> torch.Tensor:
@@ -248,7 +273,8 @@ class BatchState:
         per_pair = loglik.sum(1)  # (M,)
         shared = self.shared
         if config.beta > 0 and shared.index.numel():
-            own, peer = self.probs[shared.index], self.probs[shared.peer]
+            own = self.probs.index_select(0, shared.index)
+            peer = self.probs.index_select(0, shared.peer)
             disagree = divergence(own, peer, config.divergence).sum(1)
             per_pair.index_add_(0, shared.index, config.beta * disagree)
         per_pair.mul_(self.curiosity[:, 0])  # alpha r_l / (B C)
@@ -300,7 +326,8 @@ def one_owner_gradient(state: BatchState, config: GameConfig, select: slice) -> 
     if config.curiosity_targets == "positives":  # rarity-weighted loglik of positives only
         return grad.mul_(inside).mul_(scale).sub_(state.curiosity[select] * targets * (1 - pi))
     # the rarity-weighted log-likelihood of every candidate: (pi - y)(r + inside / (B C))
-    return grad.mul_(inside.to(grad.dtype).mul_(scale).add_(state.curiosity[select]))
+    curiosity = state.curiosity[select]
+    return grad.mul_(torch.where(inside, curiosity + scale, curiosity))
 
 
 def _fused_slope(state: BatchState, block: slice, pi: torch.Tensor, peer: torch.Tensor):
@@ -318,10 +345,9 @@ def _shared_pair_gradient(state: BatchState, config: GameConfig, block: slice) -
     :class:`SharedPairs`): R through the fused probability, the log-likelihood and the
     disagreement with the peer."""
     shared = state.shared
-    pi = state.probs[shared.index[block]]
-    peer = state.probs[shared.peer[block]]
+    pi, peer, fused_slope = state.shared_terms(block)
     slope = torch.addcmul(pi, pi, pi, value=-1)  # dpi/dz = pi (1 - pi)
-    grad = _fused_slope(state, block, pi, peer).mul_(shared.weight[block])
+    grad = fused_slope * shared.weight[block]
     if config.alpha > 0 and config.beta > 0:  # R and the disagreement both scale with slope
         diff = pi - peer
         d = diff if config.divergence == "squared" else diff.sign_()
@@ -349,9 +375,8 @@ def fusion_logit_gradient(state: BatchState) -> torch.Tensor:
     grad = state.weights.new_zeros(state.pairs.n_pairs)
     if shared.index.numel() == 0:
         return grad
-    every = slice(0, shared.index.numel())
-    pi = state.probs[shared.index]
-    minus_g = (_fused_slope(state, every, pi, state.probs[shared.peer]) * pi).sum(1)  # -g_m
+    pi, _, fused_slope = state.shared_terms(slice(0, shared.index.numel()))
+    minus_g = (fused_slope * pi).sum(1)  # -g_m
     a = shared.weight[:, 0]
     minus_ag = a * minus_g
     return grad.index_copy_(0, shared.index, minus_ag - a * (minus_ag + minus_ag[shared.peer_pos]))
