@@ -318,16 +318,18 @@ def one_owner_gradient(state: BatchState, config: GameConfig, select: slice) -> 
     for those that do, whose gradient depends on nothing but their own logit."""
     pi = state.probs[select]
     targets = state.pair_targets[select]
-    inside = (pi >= EPS).logical_and_(pi <= 1 - EPS)  # where the clamp of R leaves p alone
     grad = pi - targets
     scale = 1.0 / state.n_entries
+    # 1 where the clamp of R moves p (R's gradient is cut there), 0 where it leaves p alone:
+    # from float operations, which are several times faster here than comparisons
+    clamped = pi.clamp(EPS, 1 - EPS).sub_(pi).abs_().sign_()
     if config.alpha == 0:
-        return grad.mul_(inside).mul_(scale)
+        return grad.mul_(clamped.sub_(1).mul_(-scale))
     if config.curiosity_targets == "positives":  # rarity-weighted loglik of positives only
-        return grad.mul_(inside).mul_(scale).sub_(state.curiosity[select] * targets * (1 - pi))
+        inside = clamped.sub_(1).mul_(-scale)
+        return grad.mul_(inside).sub_(state.curiosity[select] * targets * (1 - pi))
     # the rarity-weighted log-likelihood of every candidate: (pi - y)(r + inside / (B C))
-    curiosity = state.curiosity[select]
-    return grad.mul_(torch.where(inside, curiosity + scale, curiosity))
+    return grad.mul_(clamped.mul_(-scale).add_(state.curiosity[select] + scale))
 
 
 def _fused_slope(state: BatchState, block: slice, pi: torch.Tensor, peer: torch.Tensor):
