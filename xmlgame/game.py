@@ -129,31 +129,41 @@ class SharedPairs:
     position ``peer_pos`` of ``index``; ``weight``/``peer_weight`` (S, 1) are the two fusion
     weights, ``targets`` (S, B) the label's targets, ``curiosity`` (S, 1) the label's
     ``alpha r_l / (B C)`` and ``push`` (S, 1) the factor of the disagreement term's gradient
-    (``2 beta`` or ``beta`` times ``curiosity``, squared or absolute). ``ahead`` are the pair
-    ids whose peer comes later in pair order, that is belongs to a later player: the pairs a
-    player's peers still read after it moved (in the cyclic schedule's order).
+    (``2 beta`` or ``beta`` times ``curiosity``, squared or absolute).
     """
 
     index: torch.Tensor
     peer: torch.Tensor
-    peer_pos: torch.Tensor
+    peer_pos: torch.Tensor | None
     weight: torch.Tensor
     peer_weight: torch.Tensor
     targets: torch.Tensor
     curiosity: torch.Tensor
     push: torch.Tensor
-    ahead: torch.Tensor
     _blocks: dict = field(default_factory=dict, repr=False)
 
-    def block(self, select: slice, n_pairs: int, ids: str = "index") -> slice:
-        """The pairs of ``ids`` (``index`` or ``ahead``, both sorted) inside a slice of the M
-        pairs, as a slice of that list."""
+    def block(self, select: slice, n_pairs: int) -> slice:
+        """The shared pairs inside a slice of the M pairs, as a slice of this list."""
         lo, hi, _ = select.indices(n_pairs)
-        if (ids, lo, hi) not in self._blocks:
-            pair_ids = getattr(self, ids)
-            bounds = torch.searchsorted(pair_ids, torch.tensor([lo, hi]).to(pair_ids))
-            self._blocks[ids, lo, hi] = slice(*bounds.tolist())
-        return self._blocks[ids, lo, hi]
+        if (lo, hi) not in self._blocks:
+            bounds = torch.searchsorted(self.index, torch.tensor([lo, hi]).to(self.index))
+            self._blocks[lo, hi] = slice(*bounds.tolist())
+        return self._blocks[lo, hi]
+
+    def part(self, keep: torch.Tensor) -> SharedPairs:
+        """The shared pairs at positions ``keep`` (sorted) of this list, on their own (their
+        peers' positions, which may be outside, are not kept)."""
+        return SharedPairs(
+            self.index[keep], self.peer[keep], None, self.weight[keep], self.peer_weight[keep],
+            self.targets.index_select(0, keep), self.curiosity[keep], self.push[keep],
+        )
+
+    def split(self) -> tuple[SharedPairs, SharedPairs]:
+        """(first, second): the pairs whose peer comes later in pair order, that is belongs to
+        a later player, and those whose peer comes earlier."""
+        first = self.peer > self.index
+        return (self.part(torch.nonzero(first).squeeze(1)),
+                self.part(torch.nonzero(~first).squeeze(1)))
 
 
 @dataclass
@@ -165,7 +175,7 @@ class BatchState:
     rows: ``logits``/``probs`` are (M, B), ``pair_targets`` (M, B) the targets of each pair's
     label and ``targets`` (C, B) those of each label; ``weights`` (M,) is the fusion weight of
     each pair, ``curiosity`` (M, 1) the ``alpha r_l / (B C)`` of its label. After a player's
-    step, :meth:`replace` (or :meth:`move_shared`, then :meth:`refresh`) updates its rows. A
+    step, :meth:`replace` (or :meth:`rescore`, then :meth:`refresh`) updates its rows. A
     label's fused probability is its owner's probability (one owner, weight 1) or the fusion of
     the two (:class:`SharedPairs`), so it is computed where needed, not kept. ``n_entries`` is
     the B x C that R and C_i divide by: the batch's own, or the whole batch's when these
@@ -201,7 +211,6 @@ class BatchState:
             shared = SharedPairs(
                 index, peer, torch.searchsorted(index, peer), weights[index, None],
                 weights[peer, None], pair_targets.index_select(0, index), curiosity[index], push,
-                index[peer > index],
             )
         return cls(logits, probs, weights, targets, pair_targets, curiosity, shared, pairs,
                    n_entries)
@@ -215,18 +224,11 @@ class BatchState:
         self._every_shared = None
 
     @torch.no_grad()
-    def move_shared(self, player: int, weights: torch.Tensor, h: torch.Tensor) -> None:
-        """After a player's step, with its new rows ``weights`` (M_i, D + 1): the
-        probabilities of its pairs that later players' gradients read (on labels it shares
-        with one of them). Its other pairs, and every logit, keep their old values until
-        :meth:`refresh`, so only a cyclic pass in player order may use this."""
-        own = self.pairs.player_slices[player]
-        block = self.shared.block(own, self.pairs.n_pairs, "ahead")
-        if block.stop == block.start:
-            return
-        rows = self.shared.ahead[block]
-        logits = pair_major_logits(weights.index_select(0, rows - own.start), h)
-        self.probs.index_copy_(0, rows, logits.sigmoid_())
+    def rescore(self, ids: torch.Tensor, weights: torch.Tensor, h: torch.Tensor) -> None:
+        """The probabilities of the pairs ``ids`` anew, from their rows ``weights``
+        (|ids|, D + 1) on documents ``h``; their logits keep their old values until
+        :meth:`refresh`, so this is for the pairs later gradients read from ``probs``."""
+        self.probs.index_copy_(0, ids, pair_major_logits(weights, h).sigmoid_())
         self._every_shared = None
 
     @torch.no_grad()
@@ -236,16 +238,19 @@ class BatchState:
         self.probs = torch.sigmoid(logits)
         self._every_shared = None
 
-    def shared_terms(self, block: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pi, peer probability, d(-R)/dp of the label), each (rows, B), of the shared pairs
-        ``block``. Those of all of them are kept until the probabilities change, as the final
-        pass of a batch reads them twice (pair and fusion gradients)."""
-        every = block.start == 0 and block.stop == self.shared.index.numel()
+    def shared_terms(self, block: slice, shared: SharedPairs | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pi, peer probability, d(-R)/dp of the label), each (rows, B), of the pairs
+        ``block`` of ``shared`` (default: every shared pair of the batch). Those of every
+        shared pair are kept until the probabilities change, as the final pass of a batch
+        reads them twice (pair and fusion gradients)."""
+        every = shared is None and block.start == 0 and block.stop == self.shared.index.numel()
         if every and self._every_shared is not None:
             return self._every_shared
-        pi = self.probs.index_select(0, self.shared.index[block])
-        peer = self.probs.index_select(0, self.shared.peer[block])
-        terms = pi, peer, _fused_slope(self, block, pi, peer)
+        shared = self.shared if shared is None else shared
+        pi = self.probs.index_select(0, shared.index[block])
+        peer = self.probs.index_select(0, shared.peer[block])
+        terms = pi, peer, _fused_slope(self, shared, block, pi, peer)
         if every:
             self._every_shared = terms
         return terms
@@ -332,22 +337,31 @@ def one_owner_gradient(state: BatchState, config: GameConfig, select: slice) -> 
     return grad.mul_(clamped.mul_(-scale).add_(state.curiosity[select] + scale))
 
 
-def _fused_slope(state: BatchState, block: slice, pi: torch.Tensor, peer: torch.Tensor):
-    """d(-R)/dp (rows, B) at the labels of the shared pairs ``block``, from their owners'
-    probabilities; 0 where p is clamped."""
-    shared = state.shared
+def _fused_slope(state: BatchState, shared: SharedPairs, block: slice, pi: torch.Tensor,
+                 peer: torch.Tensor) -> torch.Tensor:
+    """d(-R)/dp (rows, B) at the labels of the pairs ``block`` of ``shared``, from their
+    owners' probabilities; 0 where p is clamped."""
     raw = torch.addcmul(pi * shared.weight[block], peer, shared.peer_weight[block])
     fused = raw.clamp(EPS, 1 - EPS)
     slope = (fused - shared.targets[block]).div_(torch.addcmul(fused, fused, fused, value=-1))
     return slope.mul_(fused == raw).div_(state.n_entries)
 
 
-def _shared_pair_gradient(state: BatchState, config: GameConfig, block: slice) -> torch.Tensor:
-    """d(-Phi)/dz (pair-major) for the shared pairs ``block`` (a slice of
-    :class:`SharedPairs`): R through the fused probability, the log-likelihood and the
-    disagreement with the peer."""
-    shared = state.shared
-    pi, peer, fused_slope = state.shared_terms(block)
+@torch.no_grad()
+def shared_pair_gradient(state: BatchState, config: GameConfig, shared: SharedPairs
+                         ) -> torch.Tensor:
+    """d(-Phi)/dz (pair-major) of every pair of ``shared`` (a part of the batch's
+    :class:`SharedPairs`), at the probabilities ``state`` holds now."""
+    return _shared_pair_gradient(state, config, slice(0, shared.index.numel()), shared)
+
+
+def _shared_pair_gradient(state: BatchState, config: GameConfig, block: slice,
+                          shared: SharedPairs | None = None) -> torch.Tensor:
+    """d(-Phi)/dz (pair-major) for the pairs ``block`` (a slice) of ``shared`` (default: the
+    batch's :class:`SharedPairs`): R through the fused probability, the log-likelihood and
+    the disagreement with the peer."""
+    pi, peer, fused_slope = state.shared_terms(block, shared)
+    shared = state.shared if shared is None else shared
     slope = torch.addcmul(pi, pi, pi, value=-1)  # dpi/dz = pi (1 - pi)
     grad = fused_slope * shared.weight[block]
     if config.alpha > 0 and config.beta > 0:  # R and the disagreement both scale with slope

@@ -96,3 +96,79 @@ def step_table_rows(
     set_row_gradient(table, rows, grad_rows)
     optimizer.step()
     return table.weight.detach()[rows]
+
+
+class StackedMoments:
+    """The Adam moments of several tables (the players'), stacked end to end in one pair of
+    buffers, so that one update takes rows of every table at once.
+
+    Each table keeps its own :class:`RowAdam` (``None`` for an empty table), whose state
+    tensors become views into the stacked buffers: steps taken through either stay in step,
+    and the optimizers' ``state_dict`` keeps its per-table layout. Loading a state replaces
+    those tensors, so :meth:`stack` must run again after ``load_state_dict``.
+    """
+
+    def __init__(self, optimizers: list[RowAdam | None], tables: list[torch.nn.Embedding]):
+        self.optimizers = optimizers
+        self.params = [table.weight for table in tables]
+        groups = [o.param_groups[0] for o in optimizers if o is not None]
+        settings = {(g["lr"], tuple(g["betas"]), g["eps"]) for g in groups}
+        if len(settings) > 1:
+            raise ValueError(f"stacked tables need one learning rate, betas and eps: {settings}")
+        self.lr, (self.beta1, self.beta2), self.eps = settings.pop() if settings else (1, (0, 0), 0)
+        self.sizes: list[float] = [0.0] * len(tables)
+        self.stack()
+
+    def stack(self) -> None:
+        """Build the stacked buffers from the optimizers' present states (zeros for a table
+        not stepped yet) and make those states views into them."""
+        for key in ("exp_avg", "exp_avg_sq"):
+            parts = []
+            for optimizer, param in zip(self.optimizers, self.params):
+                state = optimizer.state[param] if optimizer is not None else {}
+                parts.append(state[key] if key in state else torch.zeros_like(param))
+            setattr(self, key, torch.cat(parts) if parts else torch.zeros(0))
+        start = 0
+        for optimizer, param in zip(self.optimizers, self.params):
+            stop = start + param.shape[0]
+            if optimizer is not None:
+                state = optimizer.state[param]
+                state.setdefault("step", 0)
+                state["exp_avg"] = self.exp_avg[start:stop]
+                state["exp_avg_sq"] = self.exp_avg_sq[start:stop]
+            start = stop
+
+    def advance(self, tables: list[int]) -> None:
+        """Count one step for each of ``tables`` (those with rows in this batch) and set their
+        step sizes (learning rate times Adam's bias corrections), as :class:`RowAdam` would."""
+        for i in tables:
+            state = self.optimizers[i].state[self.params[i]]
+            state["step"] += 1
+            t = state["step"]
+            self.sizes[i] = self.lr * math.sqrt(1 - self.beta2**t) / (1 - self.beta1**t)
+
+    @torch.no_grad()
+    def update(self, rows: torch.Tensor, grad_rows: torch.Tensor, current: torch.Tensor,
+               tables: torch.Tensor) -> torch.Tensor:
+        """One Adam step of the distinct stacked ``rows`` (the same update as
+        :meth:`RowAdam.step_rows` on each table), with their gradient, their present values
+        ``current`` and the table of each (``tables``, sorted); the step sizes are those of
+        the last :meth:`advance`. Updates the moments; returns the new rows (the caller
+        writes them to the tables)."""
+        m = self.exp_avg.index_select(0, rows).lerp_(grad_rows, 1 - self.beta1)
+        v = self.exp_avg_sq.index_select(0, rows).mul_(self.beta2)
+        v.addcmul_(grad_rows, grad_rows, value=1 - self.beta2)
+        self.exp_avg.index_copy_(0, rows, m)
+        self.exp_avg_sq.index_copy_(0, rows, v)
+        denominator = v.sqrt_().add_(self.eps)
+        present = torch.unique_consecutive(tables).tolist()
+        sizes = {self.sizes[i] for i in present}
+        if len(sizes) == 1:  # the usual case: every table has stepped as often
+            return current.addcdiv(m, denominator, value=-sizes.pop())
+        new = current.clone()
+        ends = torch.searchsorted(tables, torch.tensor(present).to(tables), right=True).tolist()
+        start = 0
+        for i, stop in zip(present, ends):
+            new[start:stop].addcdiv_(m[start:stop], denominator[start:stop], value=-self.sizes[i])
+            start = stop
+        return new

@@ -33,6 +33,9 @@ class Pairs:
         peer: int64 (M,) the index of the other pair of the same label, or -1.
         player_rows: per player, int64 rows of its table for its pairs (in pair order).
         player_slices: per player, the slice of the M pairs that are its.
+        player: int64 (M,) the player of each pair.
+        stacked_rows: int64 (M,) the row of each pair in the players' tables stacked end to
+            end (player 0's rows first; see :attr:`Players.row_offsets`).
     """
 
     labels: torch.Tensor
@@ -41,6 +44,8 @@ class Pairs:
     peer: torch.Tensor
     player_rows: list[torch.Tensor]
     player_slices: list[slice]
+    player: torch.Tensor
+    stacked_rows: torch.Tensor
 
     @property
     def n_pairs(self) -> int:
@@ -69,6 +74,10 @@ class Players(nn.Module):
         self.combine = None
         self.register_buffer("owner_player", torch.from_numpy(shards.owner_player), False)
         self.register_buffer("owner_row", torch.from_numpy(shards.owner_row), False)
+        # where each player's rows start when the tables are stacked end to end
+        sizes = [len(labels) for labels in shards.player_labels]
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self.register_buffer("row_offsets", torch.from_numpy(offsets), False)
         # one table per player: D weights and a bias per owned label, (L_i, D + 1)
         self.tables = nn.ModuleList(
             nn.Embedding(len(labels), dim + 1, sparse=sparse) if i in self.held
@@ -99,15 +108,18 @@ class Players(nn.Module):
         # group by player; the stable sort keeps label order within each player's pairs
         entries = entries[torch.sort(owners[entries], stable=True).indices]
         col, pos = entries // 2, entries % 2
-        counts = torch.bincount(owners[entries], minlength=self.n_players).tolist()
-        player_rows = list(torch.split(self.owner_row[labels].reshape(-1)[entries], counts))
+        player = owners[entries]
+        counts = torch.bincount(player, minlength=self.n_players).tolist()
+        rows = self.owner_row[labels].reshape(-1)[entries]
+        player_rows = list(torch.split(rows, counts))
         ends = np.cumsum(counts).tolist()
         slices = [slice(end - count, end) for end, count in zip(ends, counts)]
         # the other owner of each overlapping label
         pair_of = torch.full((labels.numel(), 2), -1, dtype=torch.long, device=labels.device)
         pair_of[col, pos] = torch.arange(col.numel(), device=labels.device)
         peer = pair_of[col, 1 - pos]
-        return Pairs(labels, col, pos, peer, player_rows, slices)
+        return Pairs(labels, col, pos, peer, player_rows, slices, player,
+                     rows + self.row_offsets[player])
 
     # scoring
 

@@ -45,11 +45,12 @@ from xmlgame.game import (
     pair_logit_gradient,
     pair_major_logits,
     payoffs,
+    shared_pair_gradient,
 )
 from xmlgame.metrics import TopK, compute_metrics
 from xmlgame.mining import VECTORS, Shortlister, frequent_labels
 from xmlgame.model import XmlModel, dataset_fingerprint, label_prior
-from xmlgame.optim import RowAdam, set_row_gradient, step_table_rows
+from xmlgame.optim import RowAdam, StackedMoments, set_row_gradient
 from xmlgame.parallel import (
     MIXED_PRECISION,
     BatchShare,
@@ -285,6 +286,10 @@ class Optimizers:
             if t.num_embeddings else None
             for t in players.tables
         ]
+        # the players' moments stacked, for steps over every player at once (one process
+        # holding every player; label-parallel training steps player by player)
+        self.moments = StackedMoments(self.players, list(players.tables)) \
+            if len(players.held) == players.n_players else None
         self.fusion = RowAdam(list(players.fusion.parameters()), lr=config.lr_fusion)
         encoder = model.encoder
         self.encoder = []
@@ -314,6 +319,12 @@ class Optimizers:
     def load_state_dict(self, states: list) -> None:
         for optimizer, state in zip(self.all(), states):
             optimizer.load_state_dict(state)
+        self.restack()
+
+    def restack(self) -> None:
+        """After the players' states were loaded: stack them again (see StackedMoments)."""
+        if self.moments is not None:
+            self.moments.stack()
 
 
 def row_gradient_norms(table: torch.nn.Embedding) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,11 +348,18 @@ class GradientProbe:
         kinds[train_counts >= max(head_min, rare_threshold + 1)] = 1
         kinds[(train_counts >= 1) & (train_counts <= rare_threshold)] = 2
         self.kinds = [torch.from_numpy(kinds[labels]) for labels in shards.player_labels]
+        self.stacked_kinds = torch.cat(self.kinds)  # over the players' rows stacked
         self.sums = np.zeros(3)
         self.counts = np.zeros(3)
 
     def record(self, player: int, rows: torch.Tensor, norms: torch.Tensor) -> None:
         kinds = self.kinds[player][rows.cpu()]
+        self.sums += np.bincount(kinds.numpy(), weights=norms.cpu().numpy(), minlength=3)
+        self.counts += np.bincount(kinds.numpy(), minlength=3)
+
+    def record_stacked(self, rows: torch.Tensor, norms: torch.Tensor) -> None:
+        """As :meth:`record`, for rows of the players' tables stacked end to end."""
+        kinds = self.stacked_kinds[rows.cpu()]
         self.sums += np.bincount(kinds.numpy(), weights=norms.cpu().numpy(), minlength=3)
         self.counts += np.bincount(kinds.numpy(), minlength=3)
 
@@ -394,28 +412,18 @@ def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, ga
     hd = h.detach()
     h1 = torch.cat([hd, hd.new_ones(hd.shape[0], 1)], 1)  # (B, D + 1): bias column
     with torch.no_grad():
-        # each player's candidate rows, gathered once and kept current through its step
-        weights = [players.tables[i](pairs.player_rows[i]) for i in range(players.n_players)]
-        logits = pair_major_logits(torch.cat(weights), hd)  # (M, B)
+        # the candidate rows of every player, gathered once and kept current through the steps
+        weights = torch.cat([players.tables[i](pairs.player_rows[i])
+                             for i in range(players.n_players)])  # (M, D + 1)
+        logits = pair_major_logits(weights, hd)  # (M, B)
     state = BatchState.start(logits, targets, rarity, pairs, players, game, n_entries)
-    # the gradient of a one-owner pair depends on its own logit only, which stays as it is
-    # until its player moves: computed for every pair at once, completed player by player
-    one_owner = one_owner_gradient(state, game, slice(None))  # (M, B)
-    for i in range(players.n_players):
-        own = pairs.player_slices[i]
-        if opt.players[i] is None or own.stop == own.start:
-            continue
-        grad = pair_logit_gradient(state, game, own, one_owner[own])  # (M_i, B)
-        grad_rows = grad @ h1  # (M_i, D + 1)
-        comm.all_reduce_(grad_rows)  # data-parallel: the whole batch's
-        rows = pairs.player_rows[i]
-        if probe is not None:
-            probe.record(i, rows, grad_rows.norm(dim=1))
-        weights[i] = step_table_rows(opt.players[i], players.tables[i], rows, grad_rows)
-        state.move_shared(i, weights[i], hd)  # what the next players' gradients read
+    player_steps(state, game, opt, pairs, weights, h1, probe, comm)
+    with torch.no_grad():
+        for i, own in enumerate(pairs.player_slices):  # the new rows into the tables
+            if own.stop > own.start:
+                players.tables[i].weight.index_copy_(0, pairs.player_rows[i], weights[own])
 
     # encoder and fusion: a step on Phi with every player's fresh logits
-    weights = torch.cat(weights)  # (M, D + 1), after the players' steps
     with torch.no_grad():
         state.refresh(pair_major_logits(weights, hd))
     grad_logits = pair_logit_gradient(state, game, slice(None))  # (M, B)
@@ -434,6 +442,55 @@ def train_step(model, opt: Optimizers, inputs, pairs: Pairs, targets, rarity, ga
     if probe is None:
         return None
     return share.sum_payoffs(state.payoffs(game))
+
+
+@torch.no_grad()
+def player_steps(state: BatchState, game: GameConfig, opt: Optimizers, pairs: Pairs,
+                 weights: torch.Tensor, h1: torch.Tensor, probe: GradientProbe | None,
+                 comm: Communicator) -> None:
+    """The players' steps of the cyclic schedule, player 0 first: each on the gradient of its
+    J_i at the logits the players before it left. ``weights`` (M, D + 1), the pairs' rows, are
+    updated in place (the tables are not).
+
+    The order matters only where two players share a label: the later one's gradient on that
+    label reads the earlier one's new probability. Every other gradient reads nothing that
+    moves before it: a one-owner pair's depends on its own logit, and so does (with its
+    peer's, which has not moved yet) that of a pair whose peer belongs to a later player. So
+    the steps are taken in two stages, each over every player at once, and equal those of a
+    loop over the players: first the rows of the pairs shared with a later player, which are
+    then re-scored; then every other row, the pairs shared with an earlier player reading
+    those new probabilities. Adam is row-wise, so splitting a table's step in two changes
+    nothing (its step is counted once).
+    """
+    moving = [i for i, own in enumerate(pairs.player_slices) if own.stop > own.start]
+    opt.moments.advance(moving)
+    first, second = state.shared.split()
+
+    def step(ids, grad):  # ids: pair ids (None: every pair), grad: their logit gradients
+        grad_rows = comm.all_reduce_(grad @ h1)  # data-parallel: the whole batch's
+        select = (lambda t: t) if ids is None else (lambda t: t.index_select(0, ids))
+        if probe is not None:
+            probe.record_stacked(select(pairs.stacked_rows), grad_rows.norm(dim=1))
+        new = opt.moments.update(select(pairs.stacked_rows), grad_rows, select(weights),
+                                 select(pairs.player))
+        if ids is None:
+            weights.copy_(new)
+        else:
+            weights.index_copy_(0, ids, new)
+        return new
+
+    # a pair's gradient as if its label had one owner (the shared pairs' are replaced below)
+    grad = one_owner_gradient(state, game, slice(None))  # (M, B)
+    if first.index.numel():
+        new = step(first.index, shared_pair_gradient(state, game, first))
+        state.rescore(first.index, new, h1[:, :-1])
+        grad.index_copy_(0, second.index, shared_pair_gradient(state, game, second))
+        keep = torch.ones(pairs.n_pairs, dtype=torch.bool, device=grad.device)
+        keep[first.index] = False
+        rest = torch.nonzero(keep).squeeze(1)
+        step(rest, grad.index_select(0, rest))
+    else:  # no label has two owners
+        step(None, grad)
 
 
 def trainable_parameters(model) -> tuple[list, list]:
@@ -753,6 +810,7 @@ class Trainer:
         saved = torch.load(folder / "optim.pt", map_location="cpu", weights_only=False,
                            mmap=lean)
         self.parallel.load_optimizer_states(self.opt, self.model, saved["optimizers"], copy=lean)
+        self.opt.restack()
         set_random_states(saved, self.comm.device)
         self.model.shortlister = Shortlister.load(folder)
         if (folder / "hard_negatives.npy").exists():
