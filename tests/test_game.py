@@ -177,15 +177,25 @@ def test_pair_gradient_matches_autograd_where_probabilities_saturate(config):
     world = make_world(seed=4)
     with torch.no_grad():
         for table in world.players.tables:
-            table.weight.mul_(8.0)
+            table.weight.mul_(16.0)
     logits, d_phi, _ = autograd_logit_gradients(world, config)
     probs = torch.sigmoid(logits)
     saturated = (probs < 1e-6) | (probs > 1 - 1e-6)
     assert saturated.float().mean() > 0.2 and (~saturated).any()
     state = BatchState.start(logits.T.contiguous(), world.targets, world.rarity, world.pairs,
                              world.players, config)
+    shared = state.shared  # the fused probability of some two-owner labels is clamped too
+    fused = shared.weight * state.probs[shared.index] + shared.peer_weight * state.probs[
+        shared.peer]
+    clamped = (fused < 1e-6) | (fused > 1 - 1e-6)
+    assert clamped.any() and (~clamped).any()
     closed = pair_logit_gradient(state, config, slice(None)).T
     torch.testing.assert_close(closed, d_phi, rtol=1e-10, atol=1e-14)
+    # the fusion weights' gradient is cut on the same entries
+    result = payoffs(logits, world.targets, world.rarity, world.pairs, world.players, config)
+    d_fusion = -grads(result.phi, [world.players.fusion.weight])[0]
+    expected = d_fusion[world.pairs.labels[world.pairs.col], world.pairs.pos]
+    torch.testing.assert_close(fusion_logit_gradient(state), expected, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("config", GAMES, ids=game_id)

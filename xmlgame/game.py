@@ -240,7 +240,7 @@ class BatchState:
 
     def shared_terms(self, block: slice, shared: SharedPairs | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(pi, peer probability, d(-R)/dp of the label), each (rows, B), of the pairs
+        """(pi, peer probability, d(-R)/dp of the label times B x C), each (rows, B), of the pairs
         ``block`` of ``shared`` (default: every shared pair of the batch). Those of every
         shared pair are kept until the probabilities change, as the final pass of a batch
         reads them twice (pair and fusion gradients)."""
@@ -250,7 +250,7 @@ class BatchState:
         shared = self.shared if shared is None else shared
         pi = self.probs.index_select(0, shared.index[block])
         peer = self.probs.index_select(0, shared.peer[block])
-        terms = pi, peer, _fused_slope(self, shared, block, pi, peer)
+        terms = pi, peer, _fused_slope(shared, block, pi, peer)
         if every:
             self._every_shared = terms
         return terms
@@ -337,14 +337,18 @@ def one_owner_gradient(state: BatchState, config: GameConfig, select: slice) -> 
     return grad.mul_(clamped.mul_(-scale).add_(state.curiosity[select] + scale))
 
 
-def _fused_slope(state: BatchState, shared: SharedPairs, block: slice, pi: torch.Tensor,
-                 peer: torch.Tensor) -> torch.Tensor:
+def _fused_slope(shared: SharedPairs, block: slice, pi: torch.Tensor, peer: torch.Tensor
+                 ) -> torch.Tensor:
     """d(-R)/dp (rows, B) at the labels of the pairs ``block`` of ``shared``, from their
-    owners' probabilities; 0 where p is clamped."""
+    owners' probabilities, times the B x C that R divides by (the callers divide); 0 where p
+    is clamped."""
     raw = torch.addcmul(pi * shared.weight[block], peer, shared.peer_weight[block])
     fused = raw.clamp(EPS, 1 - EPS)
     slope = (fused - shared.targets[block]).div_(torch.addcmul(fused, fused, fused, value=-1))
-    return slope.mul_(fused == raw).div_(state.n_entries)
+    # cut (1 where the clamp moved p, 0 elsewhere) from float operations, as in
+    # one_owner_gradient: a comparison and a multiplication by its result cost several times more
+    cut = raw.sub_(fused).abs_().sign_()
+    return slope.addcmul_(slope, cut, value=-1)
 
 
 @torch.no_grad()
@@ -363,7 +367,7 @@ def _shared_pair_gradient(state: BatchState, config: GameConfig, block: slice,
     pi, peer, fused_slope = state.shared_terms(block, shared)
     shared = state.shared if shared is None else shared
     slope = torch.addcmul(pi, pi, pi, value=-1)  # dpi/dz = pi (1 - pi)
-    grad = fused_slope * shared.weight[block]
+    grad = fused_slope * (shared.weight[block] / state.n_entries)
     if config.alpha > 0 and config.beta > 0:  # R and the disagreement both scale with slope
         diff = pi - peer
         d = diff if config.divergence == "squared" else diff.sign_()
@@ -392,7 +396,7 @@ def fusion_logit_gradient(state: BatchState) -> torch.Tensor:
     if shared.index.numel() == 0:
         return grad
     pi, _, fused_slope = state.shared_terms(slice(0, shared.index.numel()))
-    minus_g = (fused_slope * pi).sum(1)  # -g_m
+    minus_g = (fused_slope * pi).sum(1).div_(state.n_entries)  # -g_m
     a = shared.weight[:, 0]
     minus_ag = a * minus_g
     return grad.index_copy_(0, shared.index, minus_ag - a * (minus_ag + minus_ag[shared.peer_pos]))
