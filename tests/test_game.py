@@ -185,8 +185,8 @@ def test_pair_gradient_matches_autograd_where_probabilities_saturate(config):
     state = BatchState.start(logits.T.contiguous(), world.targets, world.rarity, world.pairs,
                              world.players, config)
     shared = state.shared  # the fused probability of some two-owner labels is clamped too
-    fused = shared.weight * state.probs[shared.index] + shared.peer_weight * state.probs[
-        shared.peer]
+    own, peer = state.probs[shared.index], state.probs[shared.peer]
+    fused = shared.weight * own + shared.peer_weight * peer
     clamped = (fused < 1e-6) | (fused > 1 - 1e-6)
     assert clamped.any() and (~clamped).any()
     closed = pair_logit_gradient(state, config, slice(None)).T
