@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work"))
     parser.add_argument("--datasets", type=lambda s: s.split(","), default=list(DATASETS))
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     os.environ["XMLGAME_HOME"] = str(args.work.resolve())
