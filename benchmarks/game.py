@@ -148,8 +148,8 @@ def write_report(runs: list[dict], args, out: Path, settings: dict) -> None:
     tmp.replace(out / "game.json")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a script that trains the game and the baseline on the shared sets."""
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, default=Path("benchmarks/work"),
@@ -157,11 +157,16 @@ def main() -> int:
     parser.add_argument("--datasets", type=lambda s: s.split(","), default=list(DATASETS))
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")],
                         default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=5)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser)
     parser.add_argument("--ablation-seeds", type=lambda s: [int(x) for x in s.split(",") if x],
                         default=[0])
     parser.add_argument("--only", type=lambda s: s.split(","), default=None,
                         help="run only these settings (e.g. game,baseline)")
-    parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
 
     os.environ["XMLGAME_HOME"] = str(args.work.resolve())

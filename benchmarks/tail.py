@@ -26,7 +26,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-DATASETS = ("debtags", "wordnet-hypernyms", "gutenberg-lcsh")
+# benchmarks/game.py, next to this script (its folder is on the path when run as a script)
+from game import add_run_arguments, configs, one_run, prepare
+
 DECILES = [f"d{i}" for i in range(1, 11)]
 FAMILIES = ("p@5", "psp@5")
 SETTINGS = ("game", "baseline")
@@ -131,14 +133,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--work", type=Path, default=Path("benchmarks/work"),
-                        help="XMLGAME_HOME for prepared data, caches and runs")
-    parser.add_argument("--datasets", type=lambda s: s.split(","), default=list(DATASETS))
-    parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=5)
+    add_run_arguments(parser)  # the same runs as benchmarks/game.py
     args = parser.parse_args()
     try:
         import matplotlib  # noqa: F401  (checked first: the plot comes last)
@@ -146,9 +141,6 @@ def main() -> int:
         parser.error('the plot needs matplotlib: pip install -e ".[bench]"')
 
     os.environ["XMLGAME_HOME"] = str(args.work.resolve())
-    sys.path.insert(0, str(Path(__file__).parent))
-    from game import configs, one_run, prepare
-
     from xmlgame.dataset import load_dataset
     from xmlgame.evaluate import evaluate
     from xmlgame.predictions import load_predictions
