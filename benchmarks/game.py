@@ -4,7 +4,9 @@ For each dataset folder (prepared once into ``--work``), trains:
 
 - ``game``: N = 6 players, overlap 0.2, the default alpha and beta;
 - ``baseline``: N = 1, alpha = 0 (plain BCE), through the same code, encoder and candidates;
-- ablations of the game: ``alpha=0``, ``beta=0``, ``rho=0``, ``N=1`` and ``N=3``.
+- ablations of the game: ``alpha=0``, ``beta=0``, ``rho=0``, ``N=1``, ``N=3`` and ``negatives=1``
+  (curiosity weighing negative candidates as much as positives; run only where the default
+  weighs them less, that is where every label is a candidate).
 
 ``game`` and ``baseline`` run with every seed in ``--seeds``; ablations with ``--ablation-seeds``.
 Every run uses the same encoder, batch size, candidate count and epoch budget, and selects its
@@ -45,7 +47,14 @@ def configs(base) -> dict:
         "rho=0": replace(base, overlap=0.0),
         "N=1": replace(base, players=1, overlap=0.0),
         "N=3": replace(base, players=3),
+        "negatives=1": replace(base, game=replace(game, curiosity_negatives=1.0)),
     }
+
+
+def settled(config, dataset):
+    """``config`` with the game's weights as training settles them on ``dataset``."""
+    every_label = dataset.n_labels <= config.full_candidates_max
+    return replace(config, game=config.game.for_candidates(every_label))
 
 
 def prepare(name: str, data_dir: Path) -> Path:
@@ -179,21 +188,27 @@ def main() -> int:
     settings = {"epochs": base.epochs, "batch_size": base.batch_size,
                 "encoder": base.encoder.kind, "dim": base.encoder.dim,
                 "alpha": base.game.alpha, "beta": base.game.beta,
-                "curiosity_targets": base.game.curiosity_targets,
+                "curiosity_negatives": ("auto" if base.game.curiosity_negatives is None
+                                        else base.game.curiosity_negatives),
                 "full_candidates_max": base.full_candidates_max, "negatives": base.negatives,
                 "shortlist_k": base.shortlist_k}
     args.out.mkdir(parents=True, exist_ok=True)
     runs: list[dict] = []
     for name in args.datasets:
         dataset = load_dataset(prepare(name, args.data_dir))
-        for setting, config in configs(base).items():
+        compared = {setting: settled(config, dataset) for setting, config in configs(base).items()}
+        for setting, config in compared.items():
             if args.only and setting not in args.only:
+                continue
+            if setting not in ("game", "baseline") and config == compared["game"]:
+                print(f"{name:18s} {setting:9s} is the game itself here: not run", flush=True)
                 continue
             main_setting = setting in ("game", "baseline")
             for seed in args.seeds if main_setting else args.ablation_seeds:
                 run_dir = args.work / "runs" / f"{name}-{setting}-seed{seed}-{int(time.time())}"
                 result = one_run(dataset, replace(config, seed=seed), run_dir)
-                runs.append({"dataset": name, "config": setting, "seed": seed, **result})
+                runs.append({"dataset": name, "config": setting, "seed": seed,
+                             "run_dir": str(run_dir), **result})
                 t = result["test"]
                 print(f"{name:18s} {setting:9s} seed {seed}  P@1 {100 * t['p@1']:.2f}  "
                       f"P@5 {100 * t['p@5']:.2f}  PSP@5 {100 * t['psp@5']:.2f}  Rare-F1 "

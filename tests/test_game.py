@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from xmlgame.errors import XmlgameError
 from xmlgame.game import (
+    AUTO_NEGATIVES,
     BatchState,
     GameConfig,
     divergence,
@@ -26,17 +28,18 @@ from xmlgame.shards import Shards, make_shards
 B, D, L, N = 5, 4, 14, 3  # batch, hidden size, labels, players
 
 GAMES = [
-    GameConfig(alpha=0.7, beta=0.3),
-    GameConfig(alpha=2.0, beta=1.5, divergence="absolute"),
-    GameConfig(alpha=0.0, beta=0.3),
-    GameConfig(alpha=1.0, beta=0.0),
-    GameConfig(alpha=1.5, beta=0.4, curiosity_targets="positives"),
+    GameConfig(alpha=0.7, beta=0.3, curiosity_negatives=1.0),
+    GameConfig(alpha=2.0, beta=1.5, divergence="absolute", curiosity_negatives=1.0),
+    GameConfig(alpha=0.0, beta=0.3, curiosity_negatives=1.0),
+    GameConfig(alpha=1.0, beta=0.0, curiosity_negatives=0.3),
+    GameConfig(alpha=1.5, beta=0.4, curiosity_negatives=0.0),
+    GameConfig(alpha=1.5, beta=0.4, curiosity_negatives=0.25),
 ]
 
 
 def game_id(config: GameConfig) -> str:
     return (f"alpha{config.alpha}-beta{config.beta}-{config.divergence}"
-            f"-{config.curiosity_targets}")
+            f"-neg{config.curiosity_negatives}")
 
 
 @dataclass
@@ -93,7 +96,7 @@ def test_world_has_overlap_and_several_players_per_batch():
 @pytest.mark.parametrize("divergence_kind", ["squared", "absolute"])
 def test_curiosity_gives_peers_no_gradient(divergence_kind):
     world = make_world(seed=1)
-    config = GameConfig(alpha=1.0, beta=2.0, divergence=divergence_kind)
+    config = GameConfig(alpha=1.0, beta=2.0, divergence=divergence_kind, curiosity_negatives=1.0)
     result = payoffs(world.logits(), world.targets, world.rarity, world.pairs, world.players,
                      config)
     tables = world.tables()
@@ -272,7 +275,7 @@ def two_label_world(counts: tuple[int, int]):
 
 def test_rare_false_negative_gets_more_curiosity_gradient():
     players, pairs, logits, targets, rarity = two_label_world((1, 1000))
-    config = GameConfig(alpha=1.0, beta=0.1)
+    config = GameConfig(alpha=1.0, beta=0.1, curiosity_negatives=1.0)
     result = payoffs(logits, targets, rarity, pairs, players, config)
     curiosity = grads(result.C[0], [logits])[0][0]  # (2,) over [rare, frequent]
     assert curiosity[0] > 0 and curiosity[1] > 0  # both pushed up: they are positives
@@ -289,7 +292,7 @@ def test_rare_false_negative_gets_more_curiosity_gradient():
 
 def test_without_curiosity_rarity_changes_nothing():
     players, pairs, logits, targets, rarity = two_label_world((1, 1000))
-    config = GameConfig(alpha=0.0)
+    config = GameConfig(alpha=0.0, curiosity_negatives=1.0)
     result = payoffs(logits, targets, rarity, pairs, players, config)
     phi = grads(result.phi, [logits])[0][0]
     assert phi[0] > 0
@@ -298,3 +301,13 @@ def test_without_curiosity_rarity_changes_nothing():
                              config)
     closed = pair_logit_gradient(state, config, slice(None))[:, 0]
     assert closed[0] == closed[1]
+
+
+def test_curiosity_negatives_is_settled_by_how_candidates_are_drawn():
+    assert GameConfig().for_candidates(True).curiosity_negatives == AUTO_NEGATIVES[True]
+    assert GameConfig().for_candidates(False).curiosity_negatives == AUTO_NEGATIVES[False]
+    assert AUTO_NEGATIVES[True] < 1 == AUTO_NEGATIVES[False]
+    given = GameConfig(curiosity_negatives=0.5)
+    assert given.for_candidates(True) == given == given.for_candidates(False)
+    with pytest.raises(XmlgameError, match="for_candidates"):
+        _ = GameConfig().negative_weight

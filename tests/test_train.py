@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 import xmlgame.train as train_module
 from xmlgame.cli import app
 from xmlgame.encoders import EncoderConfig, batch_inputs
-from xmlgame.game import GameConfig, payoffs
+from xmlgame.game import AUTO_NEGATIVES, GameConfig, payoffs
 from xmlgame.model import load
 from xmlgame.optim import step_table_rows
 from xmlgame.parallel import BatchShare, EncoderPass
@@ -81,7 +81,7 @@ def test_the_cyclic_step_is_block_coordinate_ascent_on_the_players(toy, tmp_path
     torch.manual_seed(0)  # the same dropout draws
     h = EncoderPass(model.encoder, batch_inputs(model.encoder, trainer.data.train, rows),
                     BatchShare(len(rows))).h.detach()
-    rarity, game, players = trainer.rarity[pairs.labels], trainer.config.game, model.players
+    rarity, game, players = trainer.rarity[pairs.labels], trainer.game, model.players
     for i, table in enumerate(players.tables):
         j = payoffs(players.logits(h, pairs), targets, rarity, pairs, players, game).J(
             i, game.alpha)
@@ -199,6 +199,16 @@ def test_train_config_needs_predictions_for_the_reported_metrics():
         TrainConfig(predict_k=4)
 
 
+@pytest.mark.parametrize("saved, weight", [("all", 1.0), ("positives", 0.0)])
+def test_a_run_saved_with_curiosity_targets_loads_as_the_same_weight(saved, weight):
+    """Runs written before negatives could be weighted apart named the two ends."""
+    from dataclasses import asdict
+
+    game = {k: v for k, v in asdict(GameConfig()).items() if k != "curiosity_negatives"}
+    config = TrainConfig(game={**game, "curiosity_targets": saved})
+    assert config.game == GameConfig(curiosity_negatives=weight)
+
+
 # --------------------------------------------------------------------------------------------
 # prediction and evaluation of a finished run
 
@@ -292,6 +302,8 @@ def test_cli_train_writes_a_complete_run(small_toy, tmp_path):
     assert run["status"] == "done"
     assert run["config"]["players"] == 2 and run["config"]["encoder"]["dim"] == 16
     assert Path(run["dataset"]["path"]) == small_toy.path.resolve()
+    # the game's weights as settled for this set, where every label is a candidate
+    assert run["config"]["game"]["curiosity_negatives"] == AUTO_NEGATIVES[True]
     log = read_log(out)
     assert [entry["epoch"] for entry in log] == [1, 2]
     for entry in log:
@@ -325,6 +337,7 @@ def test_cli_train_writes_a_complete_run(small_toy, tmp_path):
         ("--schedule", "foo", "--schedule"),
         ("--encoder", "foo", "--encoder"),
         ("--alpha", "-1", "--alpha"),
+        ("--curiosity-negatives", "1.5", "--curiosity-negatives"),
         ("--epochs", "0", "--epochs"),
         ("--shortlist-frequent", "-1", "--shortlist-frequent"),
         ("--index-vectors", "weights", "--index-vectors"),

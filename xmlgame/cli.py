@@ -147,8 +147,10 @@ def train(
     overlap: float = typer.Option(0.2, help="Fraction rho of labels given to a second player."),
     alpha: float = typer.Option(16.0, help="Weight of curiosity (0: no game, plain BCE)."),
     beta: float = typer.Option(0.1, help="Weight of disagreement with peers inside curiosity."),
-    curiosity_targets: str = typer.Option(
-        "all", help="Rarity-weighted log-likelihood over all candidates or over positives only."
+    curiosity_negatives: float | None = typer.Option(
+        None, help="Weight of negative candidates in curiosity's rarity-weighted "
+        "log-likelihood, a positive's being 1 (0: positives only). Default: 0.3 when every "
+        "label is a candidate, 1 when negatives are sampled or mined."
     ),
     schedule: str = typer.Option("cyclic", help="cyclic (player by player) or joint."),
     encoder: str = typer.Option("bow", help="bow, transformer, or both (concatenated)."),
@@ -234,7 +236,7 @@ def train(
     else:
         config = runs.make_config(
             players=players, overlap=overlap, alpha=alpha, beta=beta, schedule=schedule,
-            curiosity_targets=curiosity_targets,
+            curiosity_negatives=curiosity_negatives,
             encoder=encoder, transformer=transformer, finetune=finetune, dim=dim,
             epochs=epochs, batch_size=batch_size, negatives=negatives, seed=seed,
             shortlist_k=shortlist_k, predict_shortlist=predict_shortlist,

@@ -27,7 +27,7 @@ REPORTED = ("p@1", "p@3", "p@5", "psp@1", "psp@3", "psp@5", "ndcg@5", "rare-f1@5
 
 def make_config(
     *, players: int, overlap: float, alpha: float, beta: float, schedule: str,
-    curiosity_targets: str, encoder: str,
+    curiosity_negatives: float | None, encoder: str,
     transformer: str | None, finetune: bool, dim: int, epochs: int, batch_size: int,
     negatives: int, seed: int, shortlist_k: int = 8, predict_shortlist: int = 100,
     shortlist_weight: float = 0.0, shortlist_frequent: int = 1000,
@@ -50,7 +50,7 @@ def make_config(
             kind=encoder, dim=dim, transformer=transformer or "", finetune=finetune
         ),
         game=GameConfig(
-            alpha=alpha, beta=beta, schedule=schedule, curiosity_targets=curiosity_targets
+            alpha=alpha, beta=beta, schedule=schedule, curiosity_negatives=curiosity_negatives
         ),
         players=players, overlap=overlap, epochs=epochs, batch_size=batch_size,
         negatives=negatives, seed=seed, shortlist_k=shortlist_k,

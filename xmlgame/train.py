@@ -113,7 +113,12 @@ class TrainConfig:
         if isinstance(self.encoder, dict):
             self.encoder = EncoderConfig(**self.encoder)
         if isinstance(self.game, dict):
-            self.game = GameConfig(**self.game)
+            game = dict(self.game)
+            # runs saved before negatives could be weighted apart named the two ends
+            targets = game.pop("curiosity_targets", None)
+            if targets is not None:
+                game["curiosity_negatives"] = 0.0 if targets == "positives" else 1.0
+            self.game = GameConfig(**game)
         if isinstance(self.index, dict):
             self.index = IndexConfig(**self.index)
         if min(self.shortlist_k, self.predict_shortlist, self.negatives,
@@ -639,6 +644,7 @@ class Trainer:
         self.rarity = torch.from_numpy(1.0 / (1.0 + self.data.train_counts)).float()
         self.rarity = self.rarity.to(self.comm.device)
         self.candidates = Candidates(self.model.players, dataset.n_labels, config)
+        self.game = config.game.for_candidates(self.candidates.full)
         # past full_candidates_max, a label index shortlists negatives and predictions
         self.mine_k = self.candidates.mine_k
         self.shortlisting = not self.candidates.full and (
@@ -659,11 +665,13 @@ class Trainer:
         self.log(
             "run %s\n  data     %s: %d train / %d validation / %d test documents, %d labels\n"
             "  encoder  %s (D = %d)%s\n  game     N = %d players, overlap %.2f, alpha %.3g, "
-            "beta %.3g, %s schedule\n  batches  %d x %d, candidates %s, %d epochs max",
+            "beta %.3g, negatives weighted %.3g in curiosity, %s schedule\n"
+            "  batches  %d x %d, candidates %s, %d epochs max",
             self.run_dir, self.dataset.name, self.n_train, d.Y_val.shape[0], d.Y_test.shape[0],
             self.dataset.n_labels, c.encoder.kind, self.model.encoder.dim,
             f", vocabulary {len(self.model.vocab):,}" if self.model.vocab is not None else "",
-            c.players, c.overlap, c.game.alpha, c.game.beta, c.game.schedule,
+            c.players, c.overlap, c.game.alpha, c.game.beta, self.game.curiosity_negatives,
+            c.game.schedule,
             -(-self.n_train // c.batch_size), c.batch_size,
             self.candidates.describe(),
             c.epochs,
@@ -749,7 +757,7 @@ class Trainer:
 
     def step(self, rows: np.ndarray, pairs: Pairs, targets: torch.Tensor, probe):
         """This process's part of one batch's step (see :mod:`xmlgame.parallel`)."""
-        model, game = self.model, self.config.game
+        model, game = self.model, self.game
         share = self.parallel.share(len(rows))
         local = rows[share.rows]
         inputs = [(offset, len(part), batch_inputs(model.encoder, self.data.train, part))
@@ -925,6 +933,9 @@ def train(dataset: PreparedDataset, config: TrainConfig, run_dir: Path, resume: 
             write_json(run_json, saved)
     else:
         check_launch(config, comm)
+        # the run records the game's settled weights, not "auto"
+        every_label = dataset.n_labels <= config.full_candidates_max
+        config = replace(config, game=config.game.for_candidates(every_label))
         info = {
             "dataset": {"name": dataset.name, "path": str(dataset.path.resolve()),
                         "input_checksum": dataset.meta["input_checksum"]},
