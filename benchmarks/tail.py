@@ -7,12 +7,17 @@ frequent, each decile holding a tenth of the training label assignments (so ``d1
 many rarest labels). A decile's contribution counts only hits on its labels, over the same
 denominator, so the ten add up to the overall metric.
 
+With ``--reuse game.json`` it trains nothing: it scores the test predictions that the game and
+baseline runs of a ``benchmarks/game.py`` report left in their run folders, so that both reports
+speak of the same runs.
+
 Writes ``tail.json`` (every run's contributions), ``tail.md`` (means over seeds, and the mean
 and spread of the game's difference from the baseline) and ``tail.png`` (those differences,
 decile by decile).
 
     pip install -e ".[bench]"    # matplotlib, for the plot
     python benchmarks/tail.py --data-dir ../shared/data --out benchmarks/results
+    python benchmarks/tail.py --reuse benchmarks/results/game.json
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from pathlib import Path
 
 # benchmarks/game.py, next to this script (its folder is on the path when run as a script)
 from game import add_run_arguments, configs, one_run, prepare
+
+from xmlgame.errors import XmlgameError
 
 DECILES = [f"d{i}" for i in range(1, 11)]
 FAMILIES = ("p@5", "psp@5")
@@ -56,12 +63,13 @@ def mean_of(runs: list[dict], dataset: str, setting: str, metric: str) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def report(runs: list[dict], buckets: dict, datasets: list[str], seeds: list[int]) -> list[str]:
+def report(runs: list[dict], buckets: dict, datasets: list[str], seeds: list[int],
+           source: str) -> list[str]:
     lines = [
         "# Where the game gains: P@5 and PSP@5 by label-frequency decile",
         "",
         f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}, {os.cpu_count()} CPUs. Made by "
-        f"`python benchmarks/tail.py` (seeds {seeds}; settings as `benchmarks/game.py`).",
+        f"`python benchmarks/tail.py` (seeds {seeds}; {source}).",
         "",
         "Each decile's contribution to P@5 and PSP@5, in points (the ten add up to the overall "
         "value); labels ranked by training count, d1 the most frequent, each decile a tenth of "
@@ -131,9 +139,34 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def reused_runs(report: Path, datasets: list[str], seeds: list[int]) -> dict:
+    """(dataset, setting, seed) -> (run folder, selected epoch) of a game.py report's game and
+    baseline runs; every one asked for must be there, with its predictions."""
+    try:
+        listed = json.loads(report.read_text())["runs"]
+    except (OSError, ValueError, KeyError) as error:
+        raise XmlgameError(f"{report}: not a benchmarks/game.py report ({error})") from None
+    found = {(r["dataset"], r["config"], r["seed"]): r for r in listed}
+    chosen = {}
+    for key in ((d, s, seed) for d in datasets for s in SETTINGS for seed in seeds):
+        run = found.get(key)
+        if run is None or "run_dir" not in run:
+            raise XmlgameError(f"{report} has no {key[1]} run of {key[0]} with seed {key[2]} "
+                               "and a run folder: run benchmarks/game.py with these datasets "
+                               "and seeds, or drop --reuse to train them here")
+        predictions = Path(run["run_dir"]) / "predictions.npz"
+        if not predictions.exists():
+            raise XmlgameError(f"{predictions} (listed in {report}) is missing: run "
+                               "benchmarks/game.py again, or drop --reuse to train here")
+        chosen[key] = Path(run["run_dir"]), run["best_epoch"]
+    return chosen
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_arguments(parser)  # the same runs as benchmarks/game.py
+    parser.add_argument("--reuse", type=Path, default=None, metavar="GAME_JSON",
+                        help="score the runs of this benchmarks/game.py report, training none")
     args = parser.parse_args()
     try:
         import matplotlib  # noqa: F401  (checked first: the plot comes last)
@@ -147,24 +180,34 @@ def main() -> int:
     from xmlgame.train import TrainConfig
 
     settings = configs(TrainConfig(epochs=args.epochs, shortlist_k=0))  # as benchmarks/game.py
+    try:
+        reused = reused_runs(args.reuse, args.datasets, args.seeds) if args.reuse else None
+    except XmlgameError as error:
+        parser.error(str(error))
+    source = (f"the game and baseline runs of `{args.reuse}`" if reused
+              else "settings as `benchmarks/game.py`")
     args.out.mkdir(parents=True, exist_ok=True)
     runs, buckets = [], {}
     for name in args.datasets:
         dataset = load_dataset(prepare(name, args.data_dir))
         for seed in args.seeds:
             for setting in SETTINGS:
-                stamp = int(time.time())
-                run_dir = args.work / "runs" / f"tail-{name}-{setting}-seed{seed}-{stamp}"
-                result = one_run(dataset, replace(settings[setting], seed=seed), run_dir)
+                if reused:
+                    run_dir, best_epoch = reused[name, setting, seed]
+                else:
+                    stamp = int(time.time())
+                    run_dir = args.work / "runs" / f"tail-{name}-{setting}-seed{seed}-{stamp}"
+                    result = one_run(dataset, replace(settings[setting], seed=seed), run_dir)
+                    best_epoch = result["best_epoch"]
                 scored = evaluate(dataset, load_predictions(run_dir / "predictions.npz"),
                                   decile_metrics())
                 buckets[name] = scored["buckets"]
                 runs.append({"dataset": name, "config": setting, "seed": seed,
-                             "best_epoch": result["best_epoch"], "metrics": scored["metrics"]})
+                             "best_epoch": best_epoch, "metrics": scored["metrics"]})
                 m = scored["metrics"]
                 print(f"{name:18s} {setting:8s} seed {seed}  P@5 {100 * m['p@5']:.2f}  PSP@5 "
                       f"{100 * m['psp@5']:.2f}  PSP@5[d10] {100 * m['psp@5[d10]']:.2f}", flush=True)
-        lines = report(runs, buckets, args.datasets, args.seeds)
+        lines = report(runs, buckets, args.datasets, args.seeds, source)
         write_atomic(args.out / "tail.md", "\n".join(lines) + "\n")
         write_atomic(args.out / "tail.json", json.dumps(
             {"seeds": args.seeds, "buckets": buckets, "runs": runs}, indent=2) + "\n")
