@@ -91,6 +91,11 @@ def test_the_cyclic_step_is_block_coordinate_ascent_on_the_players(toy, tmp_path
     for stepped, expected, start in zip(trainer.model.players.tables, players.tables, before):
         assert (stepped.weight != start).any()
         torch.testing.assert_close(stepped.weight, expected.weight, rtol=1e-5, atol=1e-7)
+    for stepped, expected in zip(trainer.opt.players, opt.players):  # each moment moved once
+        (stepped,), (expected,) = stepped.state.values(), expected.state.values()
+        assert stepped["step"] == expected["step"] == 1
+        for moment in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(stepped[moment], expected[moment], rtol=1e-3, atol=1e-12)
 
 
 def test_untrained_model_does_not_score_perfectly(toy, tmp_path, monkeypatch):

@@ -149,17 +149,19 @@ class StackedMoments:
 
     @torch.no_grad()
     def update(self, rows: torch.Tensor, grad_rows: torch.Tensor, current: torch.Tensor,
-               tables: torch.Tensor) -> torch.Tensor:
+               tables: torch.Tensor, keep: bool = True) -> torch.Tensor:
         """One Adam step of the distinct stacked ``rows`` (the same update as
         :meth:`RowAdam.step_rows` on each table), with their gradient, their present values
         ``current`` and the table of each (``tables``, sorted); the step sizes are those of
-        the last :meth:`advance`. Updates the moments; returns the new rows (the caller
-        writes them to the tables)."""
+        the last :meth:`advance`. Updates the moments (unless ``keep`` is False: a look at the
+        step a later call will take); returns the new rows (the caller writes them to the
+        tables)."""
         m = self.exp_avg.index_select(0, rows).lerp_(grad_rows, 1 - self.beta1)
         v = self.exp_avg_sq.index_select(0, rows).mul_(self.beta2)
         v.addcmul_(grad_rows, grad_rows, value=1 - self.beta2)
-        self.exp_avg.index_copy_(0, rows, m)
-        self.exp_avg_sq.index_copy_(0, rows, v)
+        if keep:
+            self.exp_avg.index_copy_(0, rows, m)
+            self.exp_avg_sq.index_copy_(0, rows, v)
         denominator = v.sqrt_().add_(self.eps)
         present = torch.unique_consecutive(tables).tolist()
         sizes = {self.sizes[i] for i in present}

@@ -34,6 +34,7 @@ import scipy.sparse as sp
 import torch
 from tqdm.auto import tqdm
 
+from xmlgame.allocator import keep_batch_buffers
 from xmlgame.dataset import PreparedDataset
 from xmlgame.distributed import Communicator
 from xmlgame.encoders import EncoderConfig, SplitFeatures, TfidfVocabulary, batch_inputs
@@ -462,41 +463,32 @@ def player_steps(state: BatchState, game: GameConfig, opt: Optimizers, pairs: Pa
     label reads the earlier one's new probability. Every other gradient reads nothing that
     moves before it: a one-owner pair's depends on its own logit, and so does (with its
     peer's, which has not moved yet) that of a pair whose peer belongs to a later player. So
-    the steps are taken in two stages, each over every player at once, and equal those of a
-    loop over the players: first the rows of the pairs shared with a later player, which are
-    then re-scored; then every other row, the pairs shared with an earlier player reading
-    those new probabilities. Adam is row-wise, so splitting a table's step in two changes
-    nothing (its step is counted once).
+    one Adam step over every row equals a loop over the players, once the rows of the pairs
+    shared with a later player are known beforehand: their new values are computed first
+    (without touching the moments) and re-scored, and the pairs shared with an earlier player
+    read those new probabilities. Adam is row-wise, so the rows computed twice come out the
+    same both times.
     """
     moving = [i for i, own in enumerate(pairs.player_slices) if own.stop > own.start]
     opt.moments.advance(moving)
     first, second = state.shared.split()
 
-    def step(ids, grad):  # ids: pair ids (None: every pair), grad: their logit gradients
-        grad_rows = comm.all_reduce_(grad @ h1)  # data-parallel: the whole batch's
-        select = (lambda t: t) if ids is None else (lambda t: t.index_select(0, ids))
-        if probe is not None:
-            probe.record_stacked(select(pairs.stacked_rows), grad_rows.norm(dim=1))
-        new = opt.moments.update(select(pairs.stacked_rows), grad_rows, select(weights),
-                                 select(pairs.player))
-        if ids is None:
-            weights.copy_(new)
-        else:
-            weights.index_copy_(0, ids, new)
-        return new
-
     # a pair's gradient as if its label had one owner (the shared pairs' are replaced below)
     grad = one_owner_gradient(state, game, slice(None))  # (M, B)
     if first.index.numel():
-        new = step(first.index, shared_pair_gradient(state, game, first))
+        first_grad = shared_pair_gradient(state, game, first)
+        first_rows = comm.all_reduce_(first_grad @ h1)  # data-parallel: the whole batch's
+        new = opt.moments.update(pairs.stacked_rows[first.index], first_rows,
+                                 weights[first.index], pairs.player[first.index], keep=False)
         state.rescore(first.index, new, h1[:, :-1])
         grad.index_copy_(0, second.index, shared_pair_gradient(state, game, second))
-        keep = torch.ones(pairs.n_pairs, dtype=torch.bool, device=grad.device)
-        keep[first.index] = False
-        rest = torch.nonzero(keep).squeeze(1)
-        step(rest, grad.index_select(0, rest))
-    else:  # no label has two owners
-        step(None, grad)
+        grad.index_copy_(0, first.index, first_grad)
+    grad_rows = comm.all_reduce_(grad @ h1)
+    if first.index.numel():  # the very gradient the look-ahead above used
+        grad_rows.index_copy_(0, first.index, first_rows)
+    if probe is not None:
+        probe.record_stacked(pairs.stacked_rows, grad_rows.norm(dim=1))
+    weights.copy_(opt.moments.update(pairs.stacked_rows, grad_rows, weights, pairs.player))
 
 
 def trainable_parameters(model) -> tuple[list, list]:
@@ -626,6 +618,7 @@ class Trainer:
 
     def setup(self) -> None:
         config, dataset = self.config, self.dataset
+        keep_batch_buffers()  # glibc: no page faults on every batch's buffers
         torch.manual_seed(config.seed)
         start = time.time()
         vocab = build_vocabulary(dataset, config.encoder)
