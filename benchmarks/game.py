@@ -165,7 +165,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="XMLGAME_HOME for prepared data, caches and runs")
     parser.add_argument("--datasets", type=lambda s: s.split(","), default=list(DATASETS))
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")],
-                        default=[0, 1, 2])
+                        default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=5)
 
 

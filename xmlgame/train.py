@@ -11,8 +11,8 @@ with prediction) plus::
 
 Each batch (cyclic schedule): the encoder runs once; players update one after another on their
 own objective ``J_i`` using the cached ``h(x)`` (player ``i + 1`` sees player ``i``'s new
-predictions; :func:`player_steps` takes these steps in two stages over all players that equal
-that order); then the encoder and the fusion weights take a step on ``Phi`` with all players'
+predictions; :func:`player_steps` takes them as one update over all players that equals that
+order); then the encoder and the fusion weights take a step on ``Phi`` with all players'
 fresh logits. The ``joint`` schedule takes one step on ``Phi`` for everything.
 
 A validation split carved from the training data (seeded) selects the best epoch and stops
