@@ -482,9 +482,8 @@ def player_steps(state: BatchState, game: GameConfig, opt: Optimizers, pairs: Pa
                                  weights[first.index], pairs.player[first.index], keep=False)
         state.rescore(first.index, new, h1[:, :-1])
         grad.index_copy_(0, second.index, shared_pair_gradient(state, game, second))
-        grad.index_copy_(0, first.index, first_grad)
     grad_rows = comm.all_reduce_(grad @ h1)
-    if first.index.numel():  # the very gradient the look-ahead above used
+    if first.index.numel():  # the look-ahead's rows: the very gradient it used
         grad_rows.index_copy_(0, first.index, first_rows)
     if probe is not None:
         probe.record_stacked(pairs.stacked_rows, grad_rows.norm(dim=1))
