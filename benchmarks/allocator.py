@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from xmlgame.paths import write_json, write_text
+
 SETTINGS = ("game", "baseline")
 
 
@@ -120,11 +122,8 @@ def main() -> int:
                      f"({lo:.2f} to {hi:.2f}) | {r['fixed_seconds']:.2f} ({flo:.2f} to "
                      f"{fhi:.2f}) | {r['speedup']:.2f}x |")
     args.out.mkdir(parents=True, exist_ok=True)
-    for path, text in ((args.out / "allocator.md", "\n".join(lines) + "\n"),
-                       (args.out / "allocator.json", json.dumps(rows, indent=2) + "\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_text(args.out / "allocator.md", "\n".join(lines) + "\n")
+    write_json(args.out / "allocator.json", rows)
     print("\n".join(lines))
     return 0
 

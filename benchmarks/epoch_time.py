@@ -15,7 +15,6 @@ the ratios to the baseline (the target for the game is at most 1.25x). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -43,6 +42,7 @@ def main() -> int:
     from game import configs, prepare
 
     from xmlgame.dataset import load_dataset
+    from xmlgame.paths import write_json, write_text
     from xmlgame.train import TrainConfig, Trainer
 
     base = TrainConfig(shortlist_k=0)  # sampled negatives only, as in results/epoch_time.md
@@ -101,11 +101,8 @@ def main() -> int:
                      f"{r['ratio']:.2f}x | {r['no_overlap_seconds']:.1f} | "
                      f"{r['no_overlap_ratio']:.2f}x |")
     args.out.mkdir(parents=True, exist_ok=True)
-    for path, text in ((args.out / "epoch_time.md", "\n".join(lines) + "\n"),
-                       (args.out / "epoch_time.json", json.dumps(rows, indent=2) + "\n")):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    write_text(args.out / "epoch_time.md", "\n".join(lines) + "\n")
+    write_json(args.out / "epoch_time.json", rows)
     print("\n".join(lines))
     return 0
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from game import add_run_arguments, configs, one_run, prepare
 
 from xmlgame.errors import XmlgameError
+from xmlgame.paths import write_json, write_text
 
 DECILES = [f"d{i}" for i in range(1, 11)]
 FAMILIES = ("p@5", "psp@5")
@@ -133,12 +134,6 @@ def plot(runs: list[dict], datasets: list[str], path: Path) -> None:
     tmp.replace(path)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def reused_runs(report: Path, datasets: list[str], seeds: list[int]) -> dict:
     """(dataset, setting, seed) -> (run folder, selected epoch) of a game.py report's game and
     baseline runs; every one asked for must be there, with its predictions."""
@@ -208,9 +203,8 @@ def main() -> int:
                 print(f"{name:18s} {setting:8s} seed {seed}  P@5 {100 * m['p@5']:.2f}  PSP@5 "
                       f"{100 * m['psp@5']:.2f}  PSP@5[d10] {100 * m['psp@5[d10]']:.2f}", flush=True)
         lines = report(runs, buckets, args.datasets, args.seeds, source)
-        write_atomic(args.out / "tail.md", "\n".join(lines) + "\n")
-        write_atomic(args.out / "tail.json", json.dumps(
-            {"seeds": args.seeds, "buckets": buckets, "runs": runs}, indent=2) + "\n")
+        write_text(args.out / "tail.md", "\n".join(lines) + "\n")
+        write_json(args.out / "tail.json", {"seeds": args.seeds, "buckets": buckets, "runs": runs})
     plot(runs, [d for d in args.datasets if d in buckets], args.out / "tail.png")
     print((args.out / "tail.md").read_text())
     return 0

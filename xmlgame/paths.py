@@ -66,8 +66,14 @@ def read_json(path: Path) -> dict:
         return json.load(f)
 
 
-def write_json(path: Path, data) -> None:
-    """Write JSON to a temporary file beside ``path``, then rename: never a half-written file."""
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename: never a half-written
+    file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON as :func:`write_text` does."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
